@@ -1,0 +1,683 @@
+"""Tests for app.py, through a real uvicorn server read chunk by chunk with a real HTTP client."""
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from assistant_stream import RunController
+from django.conf import settings
+
+# Hermetic settings: a developer's .env never overrides a variable that is already set,
+# and an empty one means "use the default".
+SETTINGS = [
+    "HOST",
+    "PORT",
+    "DEBUG",
+    "SECRET_KEY",
+    "ALLOWED_HOSTS",
+    "CORS_ORIGINS",
+    "LOG_LEVEL",
+    "MOCK_DELAY",
+    "STREAM_PROTOCOL",
+    "HEARTBEAT_SECONDS",
+    "MAX_REQUEST_BYTES",
+    "OPENAI_API_KEY",
+    "OPENAI_MODEL",
+    "OPENAI_BASE_URL",
+]
+os.environ.update(dict.fromkeys(SETTINGS, ""))
+import app  # noqa: E402
+
+Json = Any
+HERE = Path(__file__).parent
+FRONTEND = "http://localhost:3000"
+PROTOCOLS = ["data-stream", "assistant-transport"]
+
+
+# --- A real server on a free port -----------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    loop: asyncio.AbstractEventLoop
+
+    def task_count(self) -> int:
+        """Tasks alive in the server's event loop, not counting the one asking."""
+
+        async def count() -> int:
+            return len(asyncio.all_tasks()) - 1
+
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app.application, lifespan="off", log_level="warning"))
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        await uvicorn_server.serve(sockets=[listener])
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uvicorn_server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert uvicorn_server.started, "uvicorn did not start"
+    yield Server(f"http://127.0.0.1:{listener.getsockname()[1]}", loops[0])
+    uvicorn_server.should_exit = True
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        yield http
+
+
+@pytest.fixture(autouse=True)
+def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts from the shipped defaults, with a mock that does not wait."""
+    monkeypatch.setattr(app, "MOCK_DELAY", 0)
+    monkeypatch.setattr(app, "HEARTBEAT_SECONDS", 0)
+
+
+@pytest.fixture(params=PROTOCOLS)
+def protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(app, "ENCODER", app.PROTOCOLS[request.param])
+    return str(request.param)
+
+
+# --- Reading a reply the way the client does ------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: httpx.Headers
+    chunks: list[tuple[float, bytes]] = field(default_factory=list)
+    state: Json = None
+    operations: list[Json] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    keepalives: int = 0
+
+    @property
+    def body(self) -> str:
+        return b"".join(chunk for _, chunk in self.chunks).decode()
+
+    @property
+    def messages(self) -> list[Json]:
+        return list(self.state["messages"])
+
+
+def apply_operation(target: Json, path: list[str], operation: Json) -> Json:
+    """Apply one state operation with the client's strict rules."""
+    if not path:
+        if operation["type"] == "set":
+            return operation["value"]
+        assert operation["type"] == "append-text", operation
+        assert isinstance(target, str), f"append-text onto {target!r} at {operation['path']}"
+        return target + operation["value"]
+    container = {} if target is None else target
+    key, rest = path[0], path[1:]
+    if isinstance(container, list):
+        index = int(key)
+        assert str(index) == key, f"not an array index: {key} in {operation['path']}"
+        assert 0 <= index <= len(container), f"index {key} out of bounds in {operation['path']}"
+        items = [*container, None] if index == len(container) else list(container)
+        items[index] = apply_operation(items[index], rest, operation)
+        return items
+    assert isinstance(container, dict), f"path {operation['path']} goes through {container!r}"
+    return {**container, key: apply_operation(container.get(key), rest, operation)}
+
+
+def decode(reply: Reply, state: Json, protocol: str) -> None:
+    """Replay the stream onto the state the request sent; fail on anything the client would drop."""
+    if protocol == "data-stream":
+        for line in reply.body.splitlines():
+            if not line:
+                reply.keepalives += 1
+                continue
+            kind, _, payload = line.partition(":")
+            if kind == "aui-state":
+                reply.operations += json.loads(payload)
+            elif kind == "3":
+                reply.errors.append(json.loads(payload))
+            else:
+                raise AssertionError(f"unexpected data-stream line {line!r}")
+    else:
+        events = reply.body.split("\n\n")
+        assert events[-2:] == ["data: [DONE]", ""], "SSE stream must end with [DONE]"
+        for event in events[:-2]:
+            if event.startswith(":"):
+                reply.keepalives += 1
+                continue
+            assert event.startswith("data: "), f"unexpected SSE event {event!r}"
+            frame = json.loads(event.removeprefix("data: "))
+            if frame["type"] == "update-state":
+                reply.operations += frame["operations"]
+            elif frame["type"] == "error":
+                reply.errors.append(frame["error"])
+            else:
+                raise AssertionError(f"unexpected frame {frame}")
+    for operation in reply.operations:
+        state = apply_operation(state, operation["path"], operation)
+    reply.state = state
+
+
+def appended(reply: Reply, field_name: str) -> list[str]:
+    """The pieces streamed into fields of this name by append-text operations."""
+    return [op["value"] for op in reply.operations if op["type"] == "append-text" and op["path"][-1] == field_name]
+
+
+def send(client: httpx.Client, body: Json, protocol: str = "data-stream", **headers: str) -> Reply:
+    """POST /assistant and read the reply chunk by chunk, noting when each arrived."""
+    with client.stream("POST", "/assistant", json=body, headers=headers) as response:
+        reply = Reply(response.status_code, response.headers)
+        for chunk in response.iter_raw():
+            reply.chunks.append((time.monotonic(), chunk))
+    if reply.status == 200:
+        decode(reply, body.get("state"), protocol)
+    return reply
+
+
+def user_says(text: str, parent_id: str | None = None, source_id: str | None = None) -> Json:
+    message = {"role": "user", "parts": [{"type": "text", "text": text}]}
+    return {"type": "add-message", "message": message, "parentId": parent_id, "sourceId": source_id}
+
+
+def tool_result(state: Json, result: Json, is_error: bool = False) -> Json:
+    call = state["messages"][-1]["parts"][-1]
+    return {
+        "type": "add-tool-result",
+        "toolCallId": call["toolCallId"],
+        "toolName": call["toolName"],
+        "result": result,
+        "isError": is_error,
+    }
+
+
+def chat(client: httpx.Client, state: Json, *commands: Json, protocol: str = "data-stream", **extra: Json) -> Reply:
+    reply = send(client, {"commands": list(commands), "state": state, **extra}, protocol)
+    assert reply.status == 200, reply.body
+    assert reply.errors == []
+    return reply
+
+
+def texts(message: Json) -> str:
+    return "".join(part["text"] for part in message["parts"] if part["type"] == "text")
+
+
+def tool_calls(state: Json) -> list[Json]:
+    return [part for message in state["messages"] for part in message["parts"] if part["type"] == "tool-call"]
+
+
+# --- The conversation ---------------------------------------------------------------------
+
+
+def test_health_says_which_agent_serves(client: httpx.Client) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "healthy",
+        "service": "assistant-transport-backend-django",
+        "version": app.__version__,
+        "agent": "mock",
+        "protocol": "data-stream",
+    }
+
+
+@pytest.mark.parametrize("start", [{"state": None}, {}], ids=["state-null", "state-absent"])
+def test_new_thread_gets_the_user_message_and_a_reply(client: httpx.Client, start: Json, protocol: str) -> None:
+    reply = send(client, {"commands": [user_says("hello there")], **start}, protocol)
+    assert reply.status == 200
+    user, assistant = reply.messages
+    assert user["role"] == "user"
+    assert user["parts"] == [{"type": "text", "text": "hello there"}]
+    assert assistant["role"] == "assistant"
+    assert texts(assistant) == 'You said: "hello there".'
+
+
+def test_reply_arrives_in_pieces_over_time(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app, "MOCK_DELAY", 0.05)
+    reply = chat(client, None, user_says("one two three four five six"))
+    text_chunks = [(at, chunk) for at, chunk in reply.chunks if b"append-text" in chunk]
+    assert len(text_chunks) >= 8, "each word should arrive in its own chunk"
+    assert text_chunks[-1][0] - text_chunks[0][0] >= 0.3, "the pieces arrived in one lump"
+    assert texts(reply.messages[1]) == 'You said: "one two three four five six".'
+
+
+def test_reply_is_written_with_append_text_operations(client: httpx.Client) -> None:
+    reply = chat(client, None, user_says("stream me"))
+    assert appended(reply, "text") == ["You", " said:", ' "stream', ' me".']
+
+
+def test_image_parts_are_kept_and_acknowledged(client: httpx.Client) -> None:
+    message = {
+        "role": "user",
+        "parts": [{"type": "text", "text": "look"}, {"type": "image", "image": "data:image/png;base64,iVBORw0KGgo="}],
+    }
+    reply = chat(client, None, {"type": "add-message", "message": message})
+    assert reply.messages[0]["parts"] == message["parts"]
+    assert texts(reply.messages[1]) == 'You said: "look" and sent 1 image(s).'
+
+
+def test_every_added_message_has_a_unique_id(client: httpx.Client) -> None:
+    first = chat(client, None, user_says("one"))
+    second = chat(client, first.state, user_says("two"))
+    ids = [message["id"] for message in second.messages]
+    assert len(ids) == 4
+    assert all(ids)
+    assert len(set(ids)) == 4
+
+
+def test_unknown_state_fields_are_kept(client: httpx.Client) -> None:
+    state: Json = {
+        "messages": [
+            {
+                "id": "m1",
+                "role": "user",
+                "parts": [{"type": "text", "text": "hi", "note": 1}],
+                "metadata": {"pinned": True},
+            }
+        ],
+        "draft": {"title": "kept"},
+    }
+    reply = chat(client, state, user_says("again", parent_id="m1"))
+    assert reply.state["draft"] == {"title": "kept"}
+    assert reply.messages[0] == state["messages"][0]
+
+
+def test_all_commands_of_a_request_are_applied_in_order(client: httpx.Client) -> None:
+    reply = chat(client, None, user_says("first"), user_says("second"))
+    assert [texts(message) for message in reply.messages] == ["first", "second", 'You said: "second".']
+
+
+def test_edit_drops_the_messages_after_its_parent(client: httpx.Client) -> None:
+    first = chat(client, None, user_says("one"))
+    second = chat(client, first.state, user_says("two"))
+    parent = second.messages[1]["id"]
+    edited = chat(client, second.state, user_says("two, edited", parent_id=parent, source_id=second.messages[2]["id"]))
+    assert [texts(message) for message in edited.messages] == [
+        "one",
+        'You said: "one".',
+        "two, edited",
+        'You said: "two, edited".',
+    ]
+
+
+def test_editing_the_first_message_starts_the_thread_over(client: httpx.Client) -> None:
+    first = chat(client, None, user_says("one"))
+    second = chat(client, first.state, user_says("two"))
+    edited = chat(client, second.state, user_says("uno", parent_id=None, source_id=second.messages[0]["id"]))
+    assert [texts(message) for message in edited.messages] == ["uno", 'You said: "uno".']
+
+
+def test_parent_id_naming_no_message_appends(client: httpx.Client) -> None:
+    first = chat(client, None, user_says("one"))
+    second = chat(client, first.state, user_says("two", parent_id="not-in-the-thread"))
+    assert [texts(message) for message in second.messages][:3] == ["one", 'You said: "one".', "two"]
+
+
+def test_custom_command_is_accepted_and_changes_nothing(client: httpx.Client) -> None:
+    first = chat(client, None, user_says("one"))
+    reply = chat(client, first.state, {"type": "set-mood", "mood": "cheerful"})
+    assert reply.state == first.state
+
+
+# --- The weather tool round trip ----------------------------------------------------------------
+
+
+def test_weather_question_streams_a_get_weather_call_and_stops(client: httpx.Client, protocol: str) -> None:
+    reply = chat(client, None, user_says("What's the weather in Paris?"), protocol=protocol)
+    assistant = reply.messages[-1]
+    assert texts(assistant).endswith("Let me check the weather in Paris.")
+    call = assistant["parts"][-1]
+    assert call["type"] == "tool-call"
+    assert call["toolName"] == "get_weather"
+    assert call["toolCallId"]
+    assert json.loads(call["argsText"]) == call["args"] == {"location": "Paris"}
+    assert "result" not in call, "the frontend runs the tool, not the backend"
+    assert len(appended(reply, "argsText")) >= 2, "the arguments should stream in pieces"
+
+
+def test_tool_result_gets_a_closing_sentence_and_no_second_call(client: httpx.Client, protocol: str) -> None:
+    asked = chat(client, None, user_says("weather in Oslo?"), protocol=protocol)
+    answered = chat(
+        client, asked.state, tool_result(asked.state, {"temperature": "3°C", "sky": "snow"}), protocol=protocol
+    )
+    (call,) = tool_calls(answered.state)
+    assert call["result"] == {"temperature": "3°C", "sky": "snow"}
+    assert call["isError"] is False
+    closing = answered.messages[-1]["parts"][-1]
+    assert closing == {"type": "text", "text": 'Here is the weather in Oslo: {"temperature": "3°C", "sky": "snow"}'}
+    again = chat(client, answered.state, {"type": "refresh"}, protocol=protocol)
+    assert again.state == answered.state, "the run loop must end after the closing sentence"
+
+
+@pytest.mark.parametrize("result", ["Sunny", 21.5, [1, 2], None, True, {"nested": {"deep": [1]}}])
+def test_tool_result_may_be_any_json_value(client: httpx.Client, result: Json) -> None:
+    asked = chat(client, None, user_says("weather?"))
+    answered = chat(client, asked.state, tool_result(asked.state, result))
+    assert tool_calls(answered.state)[0]["result"] == result
+
+
+def test_tool_error_is_reported_to_the_user(client: httpx.Client) -> None:
+    asked = chat(client, None, user_says("weather in Rome?"))
+    answered = chat(client, asked.state, tool_result(asked.state, "service down", is_error=True))
+    assert tool_calls(answered.state)[0]["isError"] is True
+    assert texts(answered.messages[-1]).endswith("Sorry, I could not get the weather in Rome: service down")
+
+
+def test_tool_result_artifact_is_stored_on_the_part(client: httpx.Client) -> None:
+    asked = chat(client, None, user_says("weather?"))
+    command = {**tool_result(asked.state, "ok"), "artifact": {"chart": [1, 2]}, "modelContent": [{"type": "text"}]}
+    answered = chat(client, asked.state, command)
+    assert tool_calls(answered.state)[0]["artifact"] == {"chart": [1, 2]}
+
+
+def test_no_tool_call_when_the_frontend_does_not_offer_get_weather(client: httpx.Client) -> None:
+    tools = {
+        "get_weather": {"description": "weather", "parameters": {"type": "object"}, "disabled": True},
+        "search": {"parameters": {"type": "object"}},
+    }
+    reply = chat(client, None, user_says("weather in Lima?"), tools=tools)
+    assert tool_calls(reply.state) == []
+
+
+def test_request_fields_the_backend_does_not_use_are_accepted(client: httpx.Client) -> None:
+    extra: dict[str, Any] = {
+        "system": "Be brief.",
+        "threadId": "t1",
+        "parentId": None,
+        "runConfig": {},
+        "custom": [1],
+        "callSettings": {"temperature": 0.2},
+        "config": {"apiKey": "sk-client", "baseUrl": "http://evil"},
+        "temperature": 0.2,
+        "apiKey": "sk-client",
+    }
+    reply = chat(client, None, user_says("hi"), **extra)
+    assert texts(reply.messages[1]) == 'You said: "hi".'
+
+
+# --- Streams: headers, keep-alives, errors inside a run, disconnects -----------------------------
+
+
+def test_stream_headers_tell_proxies_not_to_buffer(client: httpx.Client, protocol: str) -> None:
+    reply = chat(client, None, user_says("hi"), protocol=protocol)
+    media_type = "text/plain" if protocol == "data-stream" else "text/event-stream"
+    assert reply.headers["content-type"] == f"{media_type}; charset=utf-8"
+    assert reply.headers["cache-control"] == "no-cache"
+    assert reply.headers["x-accel-buffering"] == "no"
+
+
+def test_keepalives_flow_while_the_run_is_idle(
+    client: httpx.Client, protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "MOCK_DELAY", 0.3)
+    monkeypatch.setattr(app, "HEARTBEAT_SECONDS", 0.05)
+    reply = chat(client, None, user_says("slow"), protocol=protocol)
+    assert reply.keepalives >= 4
+    assert texts(reply.messages[1]) == 'You said: "slow".'
+
+
+def test_error_mid_run_reaches_the_client_and_keeps_the_conversation(
+    client: httpx.Client, protocol: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def failing_agent(controller: RunController, request: app.AssistantRequest) -> None:
+        controller.state["messages"].append({"id": "a1", "role": "assistant", "parts": []})
+        await app.type_text(controller, [*app.add_part(controller, {"type": "text", "text": ""}), "text"], "Half a")
+        raise RuntimeError("model exploded")
+
+    first = chat(client, None, user_says("one"), protocol=protocol)
+    monkeypatch.setattr(app, "run_agent", failing_agent)
+    reply = send(client, {"commands": [user_says("two")], "state": first.state}, protocol)
+    assert reply.status == 200
+    assert reply.errors == ["The assistant failed while replying. The server log has the details."]
+    assert [texts(message) for message in reply.messages] == ["one", 'You said: "one".', "two", "Half a"]
+    assert "model exploded" in caplog.text
+    assert "Traceback" in caplog.text
+    assert client.get("/health").status_code == 200
+
+
+def test_client_disconnect_stops_the_run(
+    server: Server, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(app, "MOCK_DELAY", 0.05)
+    caplog.set_level(logging.INFO, logger="assistant_transport")
+    baseline = server.task_count()
+    body = {"commands": [user_says("word " * 200)], "state": None}
+    with client.stream("POST", "/assistant", json=body) as response:
+        next(response.iter_raw())
+    client.close()  # the tab closes: the connection goes away
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline and (server.task_count() > baseline or "run stopped" not in caplog.text):
+        time.sleep(0.02)
+    assert "Client disconnected; run stopped" in caplog.text
+    assert server.task_count() == baseline, "a task outlived the disconnected stream"
+
+
+# --- Errors before the stream: JSON, with CORS headers, and the server keeps going ---------------
+
+GOOD_BODY = json.dumps({"commands": []})
+Case = tuple[str, str, dict[str, str], bytes, int]
+ERRORS: dict[str, Case] = {
+    "invalid-json": ("POST", "/assistant", {}, b"{nope", 400),
+    "not-utf8": ("POST", "/assistant", {}, b'{"commands": ["\xff"]}', 400),
+    "nested-too-deep": (
+        "POST",
+        "/assistant",
+        {},
+        b'{"commands": [], "state": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}",
+        400,
+    ),
+    "missing-commands": ("POST", "/assistant", {}, b'{"state": null}', 400),
+    "wrong-types": ("POST", "/assistant", {}, b'{"commands": "add-message"}', 400),
+    "malformed-add-message": ("POST", "/assistant", {}, b'{"commands": [{"type": "add-message"}]}', 400),
+    "bad-state": ("POST", "/assistant", {}, b'{"commands": [], "state": {"messages": [{"role": "robot"}]}}', 400),
+    "unknown-tool-call": (
+        "POST",
+        "/assistant",
+        {},
+        b'{"commands": [{"type": "add-tool-result", "toolCallId": "x"}]}',
+        400,
+    ),
+    "not-json-content-type": ("POST", "/assistant", {"Content-Type": "text/plain"}, GOOD_BODY.encode(), 415),
+    "wrong-method": ("GET", "/assistant", {}, b"", 405),
+    "wrong-method-health": ("POST", "/health", {}, b"", 405),
+    "unknown-path": ("GET", "/nope", {}, b"", 404),
+    "host-not-allowed": ("GET", "/health", {"Host": "evil.example"}, b"", 400),
+}
+
+
+def request(client: httpx.Client, method: str, path: str, headers: dict[str, str], body: bytes) -> httpx.Response:
+    return client.request(method, path, content=body, headers={"Content-Type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("case", ERRORS.values(), ids=ERRORS.keys())
+def test_bad_request_gets_a_json_error_and_the_server_keeps_serving(client: httpx.Client, case: Case) -> None:
+    method, path, headers, body, status = case
+    response = request(client, method, path, headers, body)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert isinstance(response.json()["error"], str)
+    assert response.json()["error"]
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("case", ERRORS.values(), ids=ERRORS.keys())
+def test_error_responses_carry_cors_headers(client: httpx.Client, case: Case) -> None:
+    method, path, headers, body, status = case
+    response = request(client, method, path, {"Origin": FRONTEND, **headers}, body)
+    assert response.status_code == status
+    assert response.headers["access-control-allow-origin"] == FRONTEND
+    assert "Origin" in response.headers["vary"]
+
+
+def test_schema_errors_list_what_is_wrong(client: httpx.Client) -> None:
+    response = request(client, "POST", "/assistant", {}, b'{"commands": [{"type": "add-message"}]}')
+    details = response.json()["details"]
+    assert [problem["loc"] for problem in details] == [["commands", 0, "add-message", "message"]]
+
+
+def test_wrong_method_names_the_allowed_one(client: httpx.Client) -> None:
+    assert client.get("/assistant").headers["allow"] == "POST"
+    assert client.delete("/health").headers["allow"] == "GET"
+
+
+def test_unknown_tool_call_is_named(client: httpx.Client) -> None:
+    body = b'{"commands": [{"type": "add-tool-result", "toolCallId": "call_gone", "result": 1}]}'
+    assert request(client, "POST", "/assistant", {}, body).json()["details"] == ["call_gone"]
+
+
+def test_body_over_the_size_limit_is_refused_with_413(client: httpx.Client) -> None:
+    padding = "x" * (app.MAX_REQUEST_BYTES + 1)
+    body = json.dumps({"commands": [], "padding": padding}).encode()
+    response = request(client, "POST", "/assistant", {"Origin": FRONTEND}, body)
+    assert response.status_code == 413
+    assert str(app.MAX_REQUEST_BYTES) in response.json()["error"]
+    assert response.headers["access-control-allow-origin"] == FRONTEND
+
+
+# --- CORS ---------------------------------------------------------------------------------------
+
+
+def preflight(client: httpx.Client, origin: str, method: str = "POST") -> httpx.Response:
+    return client.options(
+        "/assistant",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "content-type,x-trace",
+        },
+    )
+
+
+def test_preflight_from_an_allowed_origin_is_answered(client: httpx.Client) -> None:
+    response = preflight(client, FRONTEND)
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == FRONTEND
+    assert response.headers["access-control-allow-credentials"] == "true"
+    assert "POST" in response.headers["access-control-allow-methods"]
+    assert response.headers["access-control-allow-headers"] == "content-type,x-trace"
+    assert int(response.headers["access-control-max-age"]) > 0
+    assert "Origin" in response.headers["vary"]
+
+
+@pytest.mark.parametrize(("origin", "method"), [("https://evil.example", "POST"), (FRONTEND, "DELETE")])
+def test_preflight_for_another_origin_or_method_is_refused(client: httpx.Client, origin: str, method: str) -> None:
+    response = preflight(client, origin, method)
+    assert response.status_code == 403
+    assert "access-control-allow-methods" not in response.headers
+    if origin != FRONTEND:
+        assert not [name for name in response.headers if name.lower().startswith("access-control-allow")]
+
+
+def test_stream_to_an_allowed_origin_carries_cors_headers(client: httpx.Client) -> None:
+    reply = send(client, {"commands": [user_says("hi")]}, Origin=FRONTEND)
+    assert reply.headers["access-control-allow-origin"] == FRONTEND
+    assert "Origin" in reply.headers["vary"]
+
+
+def test_other_origins_get_no_cors_headers(client: httpx.Client) -> None:
+    reply = send(client, {"commands": [user_says("hi")]}, Origin="https://evil.example")
+    assert reply.status == 200
+    assert "access-control-allow-origin" not in reply.headers
+
+
+def test_any_origin_means_star_without_credentials(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app, "ANY_ORIGIN", True)
+    for response in (
+        preflight(client, "https://anywhere.example"),
+        client.get("/nope", headers={"Origin": "https://a.example"}),
+    ):
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in response.headers
+
+
+# --- Running it: python app.py, uvicorn app:application, management commands, settings -----------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=HERE, env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [["app.py"], ["-m", "uvicorn", "app:application", "--lifespan", "off"]], ids=["python-app", "uvicorn"]
+)
+def test_the_documented_commands_serve_streams(command: list[str]) -> None:
+    port = free_port()
+    extra = ["--port", str(port)] if "uvicorn" in command else []
+    process = subprocess.Popen(
+        [sys.executable, *command, *extra],
+        cwd=HERE,
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    assert http.get("/health").json()["status"] == "healthy"
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "server did not start"
+                    time.sleep(0.1)
+            reply = chat(http, None, user_says("hello"))
+            assert texts(reply.messages[1]) == 'You said: "hello".'
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_bad_setting_stops_startup_with_one_clear_line() -> None:
+    result = run_app("app.py", "check", PORT="abc")
+    assert result.returncode != 0
+    assert result.stderr.strip() == "Invalid setting PORT='abc': expected a port number, 1-65535."
+
+
+def test_app_py_doubles_as_manage_py() -> None:
+    result = run_app("app.py", "check")
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues" in result.stdout
+
+
+def test_runserver_says_plainly_that_it_cannot_stream() -> None:
+    result = run_app("app.py", "runserver")
+    assert result.returncode != 0
+    assert "python app.py" in result.stderr
+    assert "WSGI" in result.stderr
+
+
+def test_debug_is_off_unless_set() -> None:
+    assert settings.DEBUG is False
+    assert run_app("-c", "import app; print(app.settings.DEBUG)", DEBUG="true").stdout.strip() == "True"
