@@ -207,7 +207,9 @@ class ToolDefinition(BaseModel):
 class AssistantRequest(BaseModel):
     """The POST body. Other fields (threadId, config with its apiKey/baseUrl, ...) are ignored."""
 
-    commands: list[Command]
+    # The client flushes a few queued commands at a time. Each state write copies the thread,
+    # so thousands in one body would hold the event loop for seconds.
+    commands: list[Command] = Field(max_length=100)
     state: AgentState | None = None
     system: str | None = None
     tools: dict[str, ToolDefinition] | None = None
@@ -366,7 +368,8 @@ async def echo(controller: RunController, request: AssistantRequest, message: di
     """Reply to a user message, and ask the frontend for the weather if it was asked about."""
     text = " ".join(part["text"] for part in message["parts"] if part["type"] == "text")
     images = sum(part["type"] == "image" for part in message["parts"])
-    reply = f'You said: "{text}"' + (f" and sent {images} image(s)." if images else ".")
+    quote = text if len(text) <= 500 else text[:500] + "…"
+    reply = f'You said: "{quote}"' + (f" and sent {images} image(s)." if images else ".")
     place = match.group(1).strip() if (match := PLACE.search(text)) else "San Francisco"
     calls_tool = WEATHER_QUESTION.search(text) is not None and offers_tool(request, "get_weather")
     if calls_tool:

@@ -269,6 +269,12 @@ def test_reply_is_written_with_append_text_operations(client: httpx.Client) -> N
     assert appended(reply, "text") == ["You", " said:", ' "stream', ' me".']
 
 
+def test_long_messages_are_quoted_only_in_part(client: httpx.Client) -> None:
+    reply = chat(client, None, user_says("word " * 5000))
+    assert reply.messages[0]["parts"][0]["text"] == "word " * 5000
+    assert len(texts(reply.messages[1])) < 600
+
+
 def test_image_parts_are_kept_and_acknowledged(client: httpx.Client) -> None:
     message = {
         "role": "user",
@@ -493,6 +499,7 @@ ERRORS: dict[str, Case] = {
     "wrong-types": ("POST", "/assistant", {}, b'{"commands": "add-message"}', 400),
     "malformed-add-message": ("POST", "/assistant", {}, b'{"commands": [{"type": "add-message"}]}', 400),
     "bad-state": ("POST", "/assistant", {}, b'{"commands": [], "state": {"messages": [{"role": "robot"}]}}', 400),
+    "too-many-commands": ("POST", "/assistant", {}, json.dumps({"commands": [{"type": "x"}] * 101}).encode(), 400),
     "unknown-tool-call": (
         "POST",
         "/assistant",
