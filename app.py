@@ -224,7 +224,7 @@ def json_error(status: int, message: str, details: object = None) -> JsonRespons
 # --- CORS, and the Host check no built-in middleware does for us -----------------------
 
 ANY_ORIGIN = "*" in CORS_ORIGINS
-CORS_METHODS = "GET, POST, OPTIONS"
+CORS_METHODS = ("GET", "POST", "OPTIONS")
 
 
 @async_only_middleware
@@ -264,7 +264,7 @@ def preflight(request: HttpRequest, origin_allowed: bool) -> HttpResponse:
     if not origin_allowed or request.headers["Access-Control-Request-Method"] not in CORS_METHODS:
         return json_error(403, "CORS preflight refused: origin or method not allowed")
     response = HttpResponse(status=204)
-    response["Access-Control-Allow-Methods"] = CORS_METHODS
+    response["Access-Control-Allow-Methods"] = ", ".join(CORS_METHODS)
     if requested_headers := request.headers.get("Access-Control-Request-Headers"):
         response["Access-Control-Allow-Headers"] = requested_headers
     response["Access-Control-Max-Age"] = "600"

@@ -589,7 +589,9 @@ def test_preflight_from_an_allowed_origin_is_answered(client: httpx.Client) -> N
     assert "Origin" in response.headers["vary"]
 
 
-@pytest.mark.parametrize(("origin", "method"), [("https://evil.example", "POST"), (FRONTEND, "DELETE")])
+@pytest.mark.parametrize(
+    ("origin", "method"), [("https://evil.example", "POST"), (FRONTEND, "DELETE"), (FRONTEND, "ST")]
+)
 def test_preflight_for_another_origin_or_method_is_refused(client: httpx.Client, origin: str, method: str) -> None:
     response = preflight(client, origin, method)
     assert response.status_code == 403
