@@ -21,7 +21,7 @@ import re
 import secrets
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from functools import wraps
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -40,6 +40,11 @@ from django.utils.cache import patch_vary_headers
 from django.utils.decorators import async_only_middleware
 from dotenv import load_dotenv
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError
+
+try:
+    import openai
+except ImportError:  # the optional "openai" extra: only the OpenAI agent needs it
+    openai = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 
@@ -90,9 +95,14 @@ STREAM_PROTOCOL = setting(
     "STREAM_PROTOCOL", "data-stream", str, lambda name: name in PROTOCOLS, "data-stream or assistant-transport"
 )
 HEARTBEAT_SECONDS = setting("HEARTBEAT_SECONDS", 15.0, float, lambda s: 0 <= s <= 3600, "seconds, 0 disables")
+OPENAI_API_KEY = setting("OPENAI_API_KEY", "", str)
+OPENAI_MODEL = setting("OPENAI_MODEL", "gpt-4o-mini", str)
+OPENAI_BASE_URL = setting("OPENAI_BASE_URL", "", str)
 MAX_REQUEST_BYTES = setting("MAX_REQUEST_BYTES", 10 * 1024 * 1024, int, lambda size: size > 0, "a byte count")
 
 ENCODER = PROTOCOLS[STREAM_PROTOCOL]
+if OPENAI_API_KEY and openai is None:
+    raise SystemExit("OPENAI_API_KEY is set, but the openai package is not installed: pip install openai")
 
 logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logger = logging.getLogger("assistant_transport")
@@ -204,6 +214,17 @@ class ToolDefinition(BaseModel):
     disabled: bool = False
 
 
+class CallSettings(BaseModel):
+    """Sampling settings from the frontend's model context, by their OpenAI names once dumped."""
+
+    max_tokens: int | None = Field(None, alias="maxTokens", gt=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, alias="topP", ge=0, le=1)
+    presence_penalty: float | None = Field(None, alias="presencePenalty", ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, alias="frequencyPenalty", ge=-2, le=2)
+    seed: int | None = None
+
+
 class AssistantRequest(BaseModel):
     """The POST body. Other fields (threadId, config with its apiKey/baseUrl, ...) are ignored."""
 
@@ -213,6 +234,7 @@ class AssistantRequest(BaseModel):
     state: AgentState | None = None
     system: str | None = None
     tools: dict[str, ToolDefinition] | None = None
+    callSettings: CallSettings | None = None
 
 
 def json_error(status: int, message: str, details: object = None) -> JsonResponse:
@@ -314,8 +336,9 @@ def apply_command(controller: RunController, command: AddMessage | AddToolResult
         part = controller.state["messages"][location[0]]["parts"][location[1]]
         part["result"] = command.result
         part["isError"] = command.isError
-        if command.artifact is not None:
-            part["artifact"] = command.artifact
+        for extra in ("artifact", "modelContent"):
+            if (value := getattr(command, extra)) is not None:
+                part[extra] = value
     # A custom command changes nothing here; an agent that knows it reads request.commands.
 
 
@@ -395,8 +418,141 @@ async def report_weather(controller: RunController, call: dict[str, Any]) -> Non
     await type_text(controller, [*add_part(controller, {"type": "text", "text": ""}), "text"], closing)
 
 
-# The agent every run uses; the OpenAI agent takes this place when OPENAI_API_KEY is set.
-run_agent: Callable[[RunController, AssistantRequest], Awaitable[None]] = mock_agent
+# --- The OpenAI agent, when OPENAI_API_KEY is set -----------------------------------------------
+
+# One client for the process: it keeps its connections to the model server open between runs.
+model_client = openai.AsyncOpenAI(api_key=OPENAI_API_KEY, base_url=OPENAI_BASE_URL or None) if OPENAI_API_KEY else None
+
+
+def openai_messages(messages: list[dict[str, Any]], system: str | None) -> list[Any]:
+    """The thread as chat-completion messages, system prompt first."""
+    result: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for message in messages:
+        if message["role"] == "assistant":
+            result += assistant_steps(message["parts"])
+            continue
+        content = [
+            {"type": "text", "text": part["text"]}
+            if part["type"] == "text"
+            else {"type": "image_url", "image_url": {"url": part["image"]}}
+            for part in message["parts"]
+            if part["type"] in ("text", "image")
+        ]
+        result.append({"role": message["role"], "content": content})
+    return result
+
+
+def assistant_steps(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant message as model steps: text and tool calls, each call followed by its result."""
+    steps: list[list[dict[str, Any]]] = [[]]
+    for part in parts:
+        # Text after a tool call was written in a new step, after the model read the results.
+        if part["type"] == "text" and any(earlier["type"] == "tool-call" for earlier in steps[-1]):
+            steps.append([])
+        steps[-1].append(part)
+    result: list[dict[str, Any]] = []
+    for step in steps:
+        text = "".join(part["text"] for part in step if part["type"] == "text")
+        calls = [part for part in step if part["type"] == "tool-call"]
+        if not text and not calls:
+            continue
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "id": call["toolCallId"],
+                    "type": "function",
+                    "function": {"name": call["toolName"], "arguments": call.get("argsText") or "{}"},
+                }
+                for call in calls
+            ]
+        result.append(message)
+        result += [{"role": "tool", "tool_call_id": call["toolCallId"], "content": tool_output(call)} for call in calls]
+    return result
+
+
+def tool_output(call: dict[str, Any]) -> str:
+    """What the model reads of a tool's result: modelContent when the frontend sent it."""
+    if "result" not in call:  # the user wrote on instead of letting the tool run
+        return "The tool was not run."
+    output = call.get("modelContent", call["result"])
+    if isinstance(output, list):  # modelContent parts; a chat tool message carries their text
+        output = "\n".join(part.get("text", "") for part in output if isinstance(part, dict))
+    text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
+    return f"Error: {text}" if call.get("isError") else text
+
+
+async def openai_agent(controller: RunController, request: AssistantRequest) -> None:
+    """Stream a chat completion into the state; when the model asks for tools, the run ends there."""
+    assert model_client is not None, "openai_agent runs only when OPENAI_API_KEY is set"
+    messages = list(controller.state["messages"])
+    if not messages or not (messages[-1]["role"] == "user" or tool_results_arrived(messages[-1])):
+        return
+    if messages[-1]["role"] == "user":
+        controller.state["messages"].append({"id": new_id(), "role": "assistant", "parts": []})
+    options = request.callSettings.model_dump(exclude_none=True) if request.callSettings else {}
+    offered = {name: tool for name, tool in (request.tools or {}).items() if not tool.disabled}
+    if offered:
+        options["tools"] = [
+            {"type": "function", "function": {"name": name, **tool.model_dump(exclude={"disabled"}, exclude_none=True)}}
+            for name, tool in offered.items()
+        ]
+    try:
+        stream = await model_client.chat.completions.create(
+            model=OPENAI_MODEL, messages=openai_messages(messages, request.system), stream=True, **options
+        )
+        # Leaving this block closes the upstream response, also when a disconnect cancels the run.
+        async with stream:
+            await write_completion(controller, stream)
+    except openai.APIError as error:
+        logger.warning("Model request failed: %s", error, exc_info=True)
+        controller.add_error(describe(error))
+
+
+async def write_completion(controller: RunController, stream: AsyncIterator[Any]) -> None:
+    """Write streamed text and tool calls into the reply, piece by piece as they arrive."""
+    text_path: list[str | int] | None = None
+    call_paths: dict[int, list[str | int]] = {}
+    async for chunk in stream:
+        delta = chunk.choices[0].delta if chunk.choices else None
+        if delta and delta.content:
+            if text_path is None:
+                text_path = [*add_part(controller, {"type": "text", "text": ""}), "text"]
+            controller.append_state_text(text_path, delta.content)
+        for call in (delta and delta.tool_calls) or []:
+            if call.index not in call_paths:
+                part = {
+                    "type": "tool-call",
+                    "toolCallId": call.id or f"call_{new_id()}",
+                    "toolName": call.function.name if call.function else "",
+                    "argsText": "",
+                }
+                call_paths[call.index] = add_part(controller, part)
+            if call.function and call.function.arguments:
+                controller.append_state_text([*call_paths[call.index], "argsText"], call.function.arguments)
+    for call_path in call_paths.values():
+        call = controller.state["messages"][call_path[1]]["parts"][call_path[3]]
+        if not call["argsText"]:
+            call["argsText"] = "{}"
+        call["args"] = json.loads(call["argsText"])
+
+
+def describe(error: Exception) -> str:
+    """A model error in words the user can act on; the log keeps the whole error."""
+    if isinstance(error, openai.APITimeoutError):
+        return "The model server did not answer in time."
+    if isinstance(error, openai.APIConnectionError):
+        return "Could not reach the model server."
+    if isinstance(error, openai.AuthenticationError):
+        return "The model server rejected this server's API key."
+    if isinstance(error, openai.APIStatusError):
+        detail = error.body.get("message") if isinstance(error.body, dict) else None
+        return f"The model server answered {error.status_code}: {detail or error.message}"
+    return f"The model failed: {error}"
+
+
+# The agent every run uses.
+run_agent: Callable[[RunController, AssistantRequest], Awaitable[None]] = openai_agent if model_client else mock_agent
 
 # --- Views --------------------------------------------------------------------------------
 
@@ -481,7 +637,8 @@ async def health(request: HttpRequest) -> HttpResponseBase:
             "status": "healthy",
             "service": "assistant-transport-backend-django",
             "version": __version__,
-            "agent": "mock",
+            "agent": "openai" if model_client else "mock",
+            "model": OPENAI_MODEL if model_client else None,
             "protocol": STREAM_PROTOCOL,
         }
     )

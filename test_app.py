@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from assistant_stream import RunController
@@ -64,11 +66,12 @@ class Server:
         return asyncio.run_coroutine_threadsafe(count(), self.loop).result(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+@contextmanager
+def serving(asgi_app: Callable[..., Awaitable[None]]) -> Iterator[Server]:
+    """Run an ASGI app under uvicorn in a thread, on a free port of this machine."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app.application, lifespan="off", log_level="warning"))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(asgi_app, lifespan="off", log_level="warning"))
     loops: list[asyncio.AbstractEventLoop] = []
 
     async def serve() -> None:
@@ -84,6 +87,12 @@ def server() -> Iterator[Server]:
     yield Server(f"http://127.0.0.1:{listener.getsockname()[1]}", loops[0])
     uvicorn_server.should_exit = True
     thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    with serving(app.application) as running:
+        yield running
 
 
 @pytest.fixture
@@ -240,6 +249,7 @@ def test_health_says_which_agent_serves(client: httpx.Client) -> None:
         "service": "assistant-transport-backend-django",
         "version": app.__version__,
         "agent": "mock",
+        "model": None,
         "protocol": "data-stream",
     }
 
@@ -637,35 +647,42 @@ def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize(
-    "command", [["app.py"], ["-m", "uvicorn", "app:application", "--lifespan", "off"]], ids=["python-app", "uvicorn"]
-)
-def test_the_documented_commands_serve_streams(command: list[str]) -> None:
+@contextmanager
+def app_process(command: list[str], **env: str) -> Iterator[httpx.Client]:
+    """Start the app as a user would, and wait until it answers."""
     port = free_port()
     extra = ["--port", str(port)] if "uvicorn" in command else []
     process = subprocess.Popen(
         [sys.executable, *command, *extra],
         cwd=HERE,
-        env={**os.environ, "PORT": str(port)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        env={**os.environ, "PORT": str(port), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    assert http.get("/health").json()["status"] == "healthy"
+                    http.get("/health")
                     break
                 except httpx.TransportError:
-                    assert time.monotonic() < deadline, "server did not start"
+                    assert time.monotonic() < deadline, "the server did not start"
                     time.sleep(0.1)
-            reply = chat(http, None, user_says("hello"))
-            assert texts(reply.messages[1]) == 'You said: "hello".'
+            yield http
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "command", [["app.py"], ["-m", "uvicorn", "app:application", "--lifespan", "off"]], ids=["python-app", "uvicorn"]
+)
+def test_the_documented_commands_serve_streams(command: list[str]) -> None:
+    with app_process(command) as http:
+        assert http.get("/health").json()["agent"] == "mock"
+        reply = chat(http, None, user_says("hello"))
+        assert texts(reply.messages[1]) == 'You said: "hello".'
 
 
 def test_bad_setting_stops_startup_with_one_clear_line() -> None:
@@ -690,3 +707,405 @@ def test_runserver_says_plainly_that_it_cannot_stream() -> None:
 def test_debug_is_off_unless_set() -> None:
     assert settings.DEBUG is False
     assert run_app("-c", "import app; print(app.settings.DEBUG)", DEBUG="true").stdout.strip() == "True"
+
+
+# --- The OpenAI agent, against a local server that streams like the OpenAI API -------------------
+
+
+@dataclass
+class Completion:
+    """One scripted answer: streamed deltas, or an HTTP error."""
+
+    deltas: list[Json] = field(default_factory=list)
+    finish_reason: str = "stop"
+    delay: float = 0
+    status: int = 200
+    error: Json = None
+
+
+def says(*tokens: str, delay: float = 0) -> Completion:
+    return Completion([{"role": "assistant", "content": ""}, *({"content": token} for token in tokens)], delay=delay)
+
+
+def calls_tools(*calls: tuple[str, str, list[str]]) -> Completion:
+    """Tool calls as the API streams them: id and name first, then the arguments in pieces."""
+    deltas: list[Json] = [{"role": "assistant", "content": None}]
+    for index, (call_id, name, pieces) in enumerate(calls):
+        function = {"name": name, "arguments": ""}
+        deltas.append({"tool_calls": [{"index": index, "id": call_id, "type": "function", "function": function}]})
+        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
+    return Completion(deltas, finish_reason="tool_calls")
+
+
+def fails(status: int, message: str) -> Completion:
+    return Completion(status=status, error={"message": message, "type": "error", "param": None, "code": None})
+
+
+@dataclass
+class FakeOpenAI:
+    """An OpenAI-compatible server: streams scripted chat.completion.chunk events, records requests."""
+
+    script: list[Completion] = field(default_factory=list)
+    requests: list[Json] = field(default_factory=list)
+    authorizations: list[str] = field(default_factory=list)
+    disconnected_at: float | None = None
+
+    async def __call__(
+        self, scope: Json, receive: Callable[[], Awaitable[Json]], send: Callable[[Json], Awaitable[None]]
+    ) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        self.requests.append(json.loads(body))
+        self.authorizations.append(dict(scope["headers"]).get(b"authorization", b"").decode())
+        answer = self.script.pop(0) if self.script else says("ok")
+        if answer.status != 200:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": answer.status,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": json.dumps({"error": answer.error}).encode()})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        hung_up = asyncio.ensure_future(receive())  # resolves with http.disconnect when the client goes
+        chunks = [
+            *({"delta": delta, "finish_reason": None} for delta in answer.deltas),
+            {"delta": {}, "finish_reason": answer.finish_reason},
+        ]
+        for choice in chunks:
+            done, _ = await asyncio.wait({hung_up}, timeout=answer.delay)
+            if done:
+                self.disconnected_at = time.monotonic()
+                return
+            chunk = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 1700000000,
+                "model": "gpt-4o-mini",
+                "system_fingerprint": "fp_fake",
+                "choices": [{"index": 0, "logprobs": None, **choice}],
+            }
+            await send(
+                {"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        hung_up.cancel()
+
+
+@pytest.fixture(scope="session")
+def fake_openai_server() -> Iterator[tuple[FakeOpenAI, Server]]:
+    fake = FakeOpenAI()
+    with serving(fake) as running:
+        yield fake, running
+
+
+@pytest.fixture
+def fake_openai(
+    fake_openai_server: tuple[FakeOpenAI, Server], server: Server, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeOpenAI]:
+    """The OpenAI agent serves the next requests, with the fake as its model server."""
+    fake, running = fake_openai_server
+    fake.script, fake.requests, fake.authorizations, fake.disconnected_at = [], [], [], None
+    model_client = openai.AsyncOpenAI(api_key="sk-server", base_url=f"{running.url}/v1", max_retries=0, timeout=5)
+    monkeypatch.setattr(app, "model_client", model_client)
+    monkeypatch.setattr(app, "run_agent", app.openai_agent)
+    yield fake
+    asyncio.run_coroutine_threadsafe(model_client.close(), server.loop).result(timeout=5)
+
+
+def test_openai_reply_streams_token_by_token(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [says("Hel", "lo", " from", " the", " model", delay=0.05)]
+    reply = chat(client, None, user_says("hi"))
+    assert texts(reply.messages[1]) == "Hello from the model"
+    assert appended(reply, "text") == ["Hel", "lo", " from", " the", " model"]
+    text_chunks = [at for at, chunk in reply.chunks if b"append-text" in chunk]
+    assert text_chunks[-1] - text_chunks[0] >= 0.15, "the tokens arrived in one lump"
+    assert fake_openai.requests[0]["model"] == "gpt-4o-mini"
+    assert fake_openai.requests[0]["stream"] is True
+
+
+def test_history_maps_to_openai_messages(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    image = "data:image/png;base64,iVBORw0KGgo="
+    state = {
+        "messages": [
+            {
+                "id": "u1",
+                "role": "user",
+                "parts": [{"type": "text", "text": "Weather here?"}, {"type": "image", "image": image}],
+            },
+            {
+                "id": "a1",
+                "role": "assistant",
+                "parts": [
+                    {"type": "text", "text": "Checking."},
+                    {
+                        "type": "tool-call",
+                        "toolCallId": "call_1",
+                        "toolName": "get_weather",
+                        "argsText": '{"location": "Oslo"}',
+                        "args": {"location": "Oslo"},
+                        "result": {"temp": 3},
+                        "isError": False,
+                    },
+                    {
+                        "type": "tool-call",
+                        "toolCallId": "call_2",
+                        "toolName": "get_time",
+                        "argsText": "{}",
+                        "args": {},
+                        "result": "raw",
+                        "modelContent": [{"type": "text", "text": "12:00"}],
+                        "isError": False,
+                    },
+                    {"type": "text", "text": "It is 3 degrees at noon."},
+                    {
+                        "type": "tool-call",
+                        "toolCallId": "call_3",
+                        "toolName": "get_radar",
+                        "argsText": "{}",
+                        "args": {},
+                        "result": "radar offline",
+                        "isError": True,
+                    },
+                ],
+            },
+        ]
+    }
+    chat(client, state, user_says("Thanks!"), system="You are terse.")
+    assert fake_openai.requests[0]["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Weather here?"}, {"type": "image_url", "image_url": {"url": image}}],
+        },
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"location": "Oslo"}'},
+                },
+                {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'},
+        {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+        {
+            "role": "assistant",
+            "content": "It is 3 degrees at noon.",
+            "tool_calls": [
+                {"id": "call_3", "type": "function", "function": {"name": "get_radar", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_3", "content": "Error: radar offline"},
+        {"role": "user", "content": [{"type": "text", "text": "Thanks!"}]},
+    ]
+
+
+def test_enabled_tools_are_offered_with_their_schemas(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    schema = {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}
+    tools = {
+        "get_weather": {"description": "Weather for a place", "parameters": schema},
+        "delete_all": {"description": "Dangerous", "parameters": {"type": "object"}, "disabled": True},
+    }
+    chat(client, None, user_says("hi"), tools=tools)
+    assert fake_openai.requests[0]["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "description": "Weather for a place", "parameters": schema},
+        }
+    ]
+
+
+def test_no_tools_offered_means_no_tools_field(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    chat(client, None, user_says("hi"))
+    assert "tools" not in fake_openai.requests[0]
+
+
+def test_tool_call_arguments_stream_in_pieces_and_the_run_stops(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [calls_tools(("call_w", "get_weather", ['{"loc', 'ation"', ': "Li', 'ma"', "}"]))]
+    reply = chat(client, None, user_says("Weather in Lima?"))
+    (call,) = tool_calls(reply.state)
+    assert appended(reply, "argsText") == ['{"loc', 'ation"', ': "Li', 'ma"', "}"]
+    assert call["toolCallId"] == "call_w"
+    assert call["toolName"] == "get_weather"
+    assert call["args"] == {"location": "Lima"}
+    assert "result" not in call
+    assert len(fake_openai.requests) == 1, "the frontend runs the tool; the backend must not call the model again"
+
+
+def test_two_tool_calls_in_one_turn(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [calls_tools(("call_a", "get_weather", ['{"location": "Oslo"}']), ("call_b", "get_time", []))]
+    reply = chat(client, None, user_says("Weather and time?"))
+    calls = tool_calls(reply.state)
+    assert [(call["toolCallId"], call["args"]) for call in calls] == [("call_a", {"location": "Oslo"}), ("call_b", {})]
+    assert calls[1]["argsText"] == "{}"
+
+
+def test_tool_result_continues_the_run(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [calls_tools(("call_w", "get_weather", ['{"location": "Lima"}'])), says("Sunny", " in Lima.")]
+    asked = chat(client, None, user_says("Weather in Lima?"))
+    answered = chat(client, asked.state, tool_result(asked.state, {"sky": "sunny"}))
+    assert fake_openai.requests[1]["messages"][-2:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_w",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"location": "Lima"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_w", "content": '{"sky": "sunny"}'},
+    ]
+    assert len(answered.messages) == 2, "the continuation belongs to the same assistant message"
+    assert answered.messages[1]["parts"][-1] == {"type": "text", "text": "Sunny in Lima."}
+
+
+def test_call_settings_pass_through(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    settings_ = {
+        "maxTokens": 50,
+        "temperature": 0.3,
+        "topP": 0.9,
+        "presencePenalty": 0.1,
+        "frequencyPenalty": 0.2,
+        "seed": 7,
+    }
+    chat(client, None, user_says("hi"), callSettings=settings_)
+    sent = fake_openai.requests[0]
+    assert {
+        key: sent[key]
+        for key in ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")
+    } == {
+        "max_tokens": 50,
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.2,
+        "seed": 7,
+    }
+
+
+def test_call_settings_out_of_range_are_refused(client: httpx.Client) -> None:
+    body = json.dumps({"commands": [], "callSettings": {"temperature": 9}}).encode()
+    response = request(client, "POST", "/assistant", {}, body)
+    assert response.status_code == 400
+    assert response.json()["details"][0]["loc"] == ["callSettings", "temperature"]
+
+
+def test_client_sent_api_key_and_base_url_are_ignored(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    config = {"apiKey": "sk-stranger", "baseUrl": "http://127.0.0.1:9/v1", "modelName": "gpt-evil"}
+    reply = chat(client, None, user_says("hi"), config=config, apiKey="sk-stranger", baseUrl="http://127.0.0.1:9/v1")
+    assert texts(reply.messages[1]) == "ok"
+    assert fake_openai.authorizations == ["Bearer sk-server"]
+    assert fake_openai.requests[0]["model"] == "gpt-4o-mini"
+
+
+MODEL_ERRORS = {
+    "bad-key": (
+        fails(401, "Incorrect API key provided: sk-se***er."),
+        "The model server rejected this server's API key.",
+    ),
+    "rate-limit": (
+        fails(429, "Rate limit reached for requests"),
+        "The model server answered 429: Rate limit reached for requests",
+    ),
+    "server-error": (fails(500, "The server had an error"), "The model server answered 500: The server had an error"),
+    "timeout": (says("late", delay=2), "The model server did not answer in time."),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_ERRORS.values(), ids=MODEL_ERRORS.keys())
+def test_model_errors_become_a_readable_error_frame(
+    client: httpx.Client,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str,
+    caplog: pytest.LogCaptureFixture,
+    case: tuple[Completion, str],
+) -> None:
+    failure, message = case
+    monkeypatch.setattr(app.model_client, "timeout", 0.5)
+    fake_openai.script = [failure]
+    reply = send(client, {"commands": [user_says("hi")], "state": None}, protocol)
+    assert reply.status == 200
+    assert reply.errors == [message]
+    assert reply.messages[0]["parts"] == [{"type": "text", "text": "hi"}], "the user's message must survive"
+    assert "Model request failed" in caplog.text
+    assert "sk-server" not in reply.body
+
+
+def test_unreachable_model_server_becomes_an_error_frame(
+    client: httpx.Client, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unreachable = openai.AsyncOpenAI(api_key="sk-server", base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0)
+    monkeypatch.setattr(app, "model_client", unreachable)
+    reply = send(client, {"commands": [user_says("hi")], "state": None})
+    assert reply.errors == ["Could not reach the model server."]
+    assert texts(reply.messages[0]) == "hi"
+
+
+def test_disconnect_closes_the_upstream_request_within_a_second(
+    server: Server, client: httpx.Client, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="assistant_transport")
+    fake_openai.script = [says(*["token "] * 200, delay=0.05)]
+    baseline = server.task_count()
+    with client.stream("POST", "/assistant", json={"commands": [user_says("talk")], "state": None}) as response:
+        for chunk in response.iter_raw():
+            if b"append-text" in chunk:
+                break
+    client.close()
+    closed_at = time.monotonic()
+    while fake_openai.disconnected_at is None and time.monotonic() < closed_at + 2:
+        time.sleep(0.01)
+    assert fake_openai.disconnected_at is not None, "the upstream request was never closed"
+    print(f"disconnect to upstream close: {(fake_openai.disconnected_at - closed_at) * 1000:.0f} ms")
+    assert fake_openai.disconnected_at - closed_at < 1
+    deadline = time.monotonic() + 1
+    while server.task_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.task_count() == baseline, "a task outlived the disconnected stream"
+
+
+def test_openai_settings_choose_the_agent(fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
+    fake, running = fake_openai_server
+    fake.script = [says("Hi", " there")]
+    with app_process(
+        ["app.py"], OPENAI_API_KEY="sk-env", OPENAI_BASE_URL=f"{running.url}/v1", OPENAI_MODEL="local-model"
+    ) as http:
+        assert http.get("/health").json() | {"version": None} == {
+            "status": "healthy",
+            "service": "assistant-transport-backend-django",
+            "version": None,
+            "agent": "openai",
+            "model": "local-model",
+            "protocol": "data-stream",
+        }
+        reply = chat(http, None, user_says("hello"))
+    assert texts(reply.messages[1]) == "Hi there"
+    assert fake.requests[-1]["model"] == "local-model"
+    assert fake.authorizations[-1] == "Bearer sk-env"
+
+
+def test_model_reads_the_tool_results_model_content(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [calls_tools(("call_c", "render_chart", ["{}"])), says("Done.")]
+    asked = chat(client, None, user_says("Chart it"))
+    command = {
+        **tool_result(asked.state, {"svg": "<svg>…</svg>"}),
+        "modelContent": [{"type": "text", "text": "A bar chart."}],
+    }
+    chat(client, asked.state, command)
+    assert fake_openai.requests[1]["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": "call_c",
+        "content": "A bar chart.",
+    }
