@@ -246,13 +246,12 @@ def json_error(status: int, message: str, details: object = None) -> JsonRespons
 # --- CORS, and the Host check no built-in middleware does for us -----------------------
 
 ANY_ORIGIN = "*" in CORS_ORIGINS
+View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 CORS_METHODS = ("GET", "POST", "OPTIONS")
 
 
 @async_only_middleware
-def cors_middleware(
-    get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]],
-) -> Callable[[HttpRequest], Awaitable[HttpResponseBase]]:
+def cors_middleware(get_response: View) -> View:
     """Check the Host, answer preflights, and put CORS headers on every answer, errors too."""
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
@@ -555,8 +554,6 @@ def describe(error: Exception) -> str:
 run_agent: Callable[[RunController, AssistantRequest], Awaitable[None]] = openai_agent if model_client else mock_agent
 
 # --- Views --------------------------------------------------------------------------------
-
-View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 
 
 def allow(method: str) -> Callable[[View], View]:
