@@ -349,6 +349,16 @@ def add_part(controller: RunController, part: dict[str, Any]) -> list[str | int]
     return ["messages", message_index, "parts", len(parts) - 1]
 
 
+def add_text_part(controller: RunController) -> list[str | int]:
+    """Start an empty text part in the reply (append-text needs a string to extend); return its path."""
+    return [*add_part(controller, {"type": "text", "text": ""}), "text"]
+
+
+def as_text(value: object) -> str:
+    """A tool result as text: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 async def type_text(controller: RunController, field_path: list[str | int], text: str) -> None:
     """Stream text into a string field word by word, as append-text operations."""
     for piece in re.findall(r"\s*\S+", text):
@@ -397,7 +407,7 @@ async def echo(controller: RunController, request: AssistantRequest, message: di
     if calls_tool:
         reply += f" Let me check the weather in {place}."
     controller.state["messages"].append({"id": new_id(), "role": "assistant", "parts": []})
-    await type_text(controller, [*add_part(controller, {"type": "text", "text": ""}), "text"], reply)
+    await type_text(controller, add_text_part(controller), reply)
     if calls_tool:
         args = {"location": place}
         call = {"type": "tool-call", "toolCallId": f"call_{new_id()}", "toolName": "get_weather", "argsText": ""}
@@ -408,13 +418,12 @@ async def echo(controller: RunController, request: AssistantRequest, message: di
 
 async def report_weather(controller: RunController, call: dict[str, Any]) -> None:
     """Close the turn with a sentence that uses the tool's result (and calls nothing again)."""
-    result = call["result"] if isinstance(call["result"], str) else json.dumps(call["result"], ensure_ascii=False)
     place = call.get("args", {}).get("location", "that place")
     if call.get("isError"):
-        closing = f"Sorry, I could not get the weather in {place}: {result}"
+        closing = f"Sorry, I could not get the weather in {place}: {as_text(call['result'])}"
     else:
-        closing = f"Here is the weather in {place}: {result}"
-    await type_text(controller, [*add_part(controller, {"type": "text", "text": ""}), "text"], closing)
+        closing = f"Here is the weather in {place}: {as_text(call['result'])}"
+    await type_text(controller, add_text_part(controller), closing)
 
 
 # --- The OpenAI agent, when OPENAI_API_KEY is set -----------------------------------------------
@@ -477,8 +486,7 @@ def tool_output(call: dict[str, Any]) -> str:
     output = call.get("modelContent", call["result"])
     if isinstance(output, list):  # modelContent parts; a chat tool message carries their text
         output = "\n".join(part.get("text", "") for part in output if isinstance(part, dict))
-    text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
-    return f"Error: {text}" if call.get("isError") else text
+    return f"Error: {as_text(output)}" if call.get("isError") else as_text(output)
 
 
 async def openai_agent(controller: RunController, request: AssistantRequest) -> None:
@@ -516,7 +524,7 @@ async def write_completion(controller: RunController, stream: AsyncIterator[Any]
         delta = chunk.choices[0].delta if chunk.choices else None
         if delta and delta.content:
             if text_path is None:
-                text_path = [*add_part(controller, {"type": "text", "text": ""}), "text"]
+                text_path = add_text_part(controller)
             controller.append_state_text(text_path, delta.content)
         for call in (delta and delta.tool_calls) or []:
             if call.index not in call_paths:

@@ -460,7 +460,7 @@ def test_error_mid_run_reaches_the_client_and_keeps_the_conversation(
 ) -> None:
     async def failing_agent(controller: RunController, request: app.AssistantRequest) -> None:
         controller.state["messages"].append({"id": "a1", "role": "assistant", "parts": []})
-        await app.type_text(controller, [*app.add_part(controller, {"type": "text", "text": ""}), "text"], "Half a")
+        await app.type_text(controller, app.add_text_part(controller), "Half a")
         raise RuntimeError("model exploded")
 
     first = chat(client, None, user_says("one"), protocol=protocol)
