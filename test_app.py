@@ -1109,3 +1109,8 @@ def test_model_reads_the_tool_results_model_content(client: httpx.Client, fake_o
         "tool_call_id": "call_c",
         "content": "A bar chart.",
     }
+
+
+def test_readme_shows_the_runtime_provider_the_browser_check_runs() -> None:
+    provider = (HERE / "e2e" / "page" / "MyRuntimeProvider.tsx").read_text()
+    assert provider in (HERE / "README.md").read_text()

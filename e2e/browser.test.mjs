@@ -1,0 +1,105 @@
+// Browser end to end: a React page with useAssistantTransportRuntime, served on another port than
+// the app (so CORS is real), driven in Debian's Chromium by playwright-core.
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+import { after, before, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+import { build, preview } from "vite";
+import { freePort, startApp } from "./harness.mjs";
+
+const HERE = fileURLToPath(new URL(".", import.meta.url));
+const CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"];
+
+let pageServer;
+let browser;
+before(async () => {
+  await build({ configFile: `${HERE}vite.config.js` });
+  pageServer = await preview({
+    configFile: `${HERE}vite.config.js`,
+    preview: { host: "127.0.0.1", port: await freePort(), strictPort: true },
+  });
+  browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", args: CHROMIUM_FLAGS });
+});
+after(async () => {
+  await browser?.close();
+  await new Promise((resolve) => pageServer?.httpServer.close(resolve));
+});
+
+for (const protocol of ["data-stream", "assistant-transport"]) {
+  describe(`the page, over ${protocol}`, () => {
+    let app;
+    let page;
+    const problems = [];
+
+    before(async () => {
+      const pageOrigin = new URL(pageServer.resolvedUrls.local[0]).origin;
+      app = await startApp({ STREAM_PROTOCOL: protocol, MOCK_DELAY: "0.05", CORS_ORIGINS: pageOrigin });
+      page = await browser.newPage();
+      page.on("pageerror", (error) => problems.push(String(error)));
+      page.on("console", (message) => {
+        // The SSE decoder closes the stream itself at [DONE], which Chromium logs as an aborted request.
+        if (["error", "warning"].includes(message.type()) && !message.text().includes("ERR_ABORTED")) {
+          problems.push(message.text());
+        }
+      });
+      await page.goto(`${pageOrigin}/?api=${encodeURIComponent(`${app.url}/assistant`)}&protocol=${protocol}`);
+    });
+    after(async () => {
+      mkdirSync(`${HERE}screenshots`, { recursive: true });
+      await page?.screenshot({ path: `${HERE}screenshots/${protocol}.png`, fullPage: true });
+      await page?.close();
+      await app?.stop();
+    });
+
+    /** Console errors, page errors, and any error the runtime reported (the page keeps the last one). */
+    const allProblems = async () => [...problems, ...((await page.evaluate(() => window.lastError)) ?? [])];
+
+    const send = async (text) => {
+      await page.fill("textarea", text);
+      await page.click("text=Send");
+    };
+    const lastReply = () => page.locator(".assistant").last().innerText();
+
+    test("a message gets a reply that streams in", async () => {
+      await send("hello there");
+      const seen = new Set();
+      const deadline = Date.now() + 10_000;
+      while (!seen.has('You said: "hello there".') && Date.now() < deadline) {
+        if (await page.locator(".assistant").count()) seen.add((await lastReply()).trim());
+        await page.waitForTimeout(10);
+      }
+      assert.ok(seen.has('You said: "hello there".'), `the reply never completed: ${[...seen]}`);
+      assert.ok(seen.size >= 3, `the reply arrived in one lump: ${[...seen]}`);
+      assert.deepEqual(await allProblems(), []);
+    });
+
+    test("the weather tool runs in the browser and the reply uses its result", async () => {
+      await send("What is the weather in Paris?");
+      await page.locator(".tool", { hasText: '"temperature":"21°C"' }).waitFor({ timeout: 10_000 });
+      await page.getByText('Here is the weather in Paris: {"location": "Paris", "temperature": "21°C", "sky": "sunny"}')
+        .waitFor({ timeout: 10_000 });
+      await page.locator("text=Send").waitFor({ timeout: 5_000 });
+      assert.equal(await page.evaluate(() => window.weatherRuns), 1);
+      assert.equal(await page.locator(".tool").count(), 1, "the tool was called again");
+      assert.deepEqual(await allProblems(), []);
+    });
+
+    test("stop mid-reply stops the backend", async () => {
+      const message = `count ${"and on ".repeat(60)}`.trim();
+      await send(message);
+      await page.locator(".assistant", { hasText: "You said" }).last().waitFor({ timeout: 10_000 });
+      const stoppedAt = Date.now();
+      await page.click("text=Stop");
+      while (!app.log().includes("Client disconnected; run stopped") && Date.now() < stoppedAt + 2_000) {
+        await page.waitForTimeout(20);
+      }
+      assert.ok(app.log().includes("Client disconnected; run stopped"), `the backend did not stop:\n${app.log()}`);
+      const shown = await lastReply();
+      await page.waitForTimeout(300);
+      assert.equal(await lastReply(), shown, "the reply kept growing after stop");
+      assert.ok(shown.length < message.length / 2, `the whole reply arrived before stop: ${shown}`);
+    });
+  });
+}
