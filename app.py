@@ -21,11 +21,13 @@ import re
 import secrets
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from functools import wraps
 from typing import Annotated, Any, Literal, TypeVar
 
 import uvicorn
+from asgiref.sync import ThreadSensitiveContext
 from assistant_stream import RunController, create_run
 from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
 from assistant_stream.serialization.heartbeat import add_keepalive
@@ -33,6 +35,8 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.core.management import execute_from_command_line
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections, reset_queries
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponse, HttpResponseBase
 from django.urls import path, re_path
@@ -660,14 +664,39 @@ urlpatterns = [
     re_path(r"", not_found),
 ]
 
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+# This app has no database, so Django's per-request connection housekeeping only costs a hop to a
+# worker thread. Signals you connect yourself still run.
+request_started.disconnect(reset_queries)
+request_started.disconnect(close_old_connections)
+request_finished.disconnect(close_old_connections)
+
+# Django enters a fresh thread-sensitive context per request, and each one gets its own worker
+# thread for sync work (closing the response, sync signal receivers) that lives as long as the
+# request: an open stream holds a thread. One shared worker keeps the thread count flat.
+SYNC_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-sync")
+
+
+async def application(
+    scope: dict[str, Any],
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    send: Callable[[Mapping[str, Any]], Awaitable[None]],
+) -> None:
+    """The ASGI app: Django, with one sync worker for every request, and lifespan answered."""
+    if scope["type"] == "lifespan":  # Django has no startup or shutdown work; say so to the server
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    async with ThreadSensitiveContext(executor=SYNC_WORKER):
+        await django_application(scope, receive, send)
 
 
 def main() -> None:
     """Serve with uvicorn, or run the Django management command given on the command line."""
     if len(sys.argv) == 1:
-        # Django answers no ASGI lifespan events, so uvicorn should not send them.
-        uvicorn.run(application, host=HOST, port=PORT, log_level=LOG_LEVEL.lower(), lifespan="off")
+        uvicorn.run(application, host=HOST, port=PORT, log_level=LOG_LEVEL.lower())
     elif sys.argv[1] == "runserver":
         sys.exit("runserver is Django's WSGI server and holds streamed replies back; run `python app.py`.")
     else:

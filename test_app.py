@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 from assistant_stream import RunController
 from django.conf import settings
+from django.core.signals import request_finished, request_started
 
 # Hermetic settings: a developer's .env never overrides a variable that is already set,
 # and an empty one means "use the default".
@@ -676,7 +677,7 @@ def app_process(command: list[str], **env: str) -> Iterator[httpx.Client]:
 
 
 @pytest.mark.parametrize(
-    "command", [["app.py"], ["-m", "uvicorn", "app:application", "--lifespan", "off"]], ids=["python-app", "uvicorn"]
+    "command", [["app.py"], ["-m", "uvicorn", "app:application", "--lifespan", "on"]], ids=["python-app", "uvicorn"]
 )
 def test_the_documented_commands_serve_streams(command: list[str]) -> None:
     with app_process(command) as http:
@@ -1114,3 +1115,59 @@ def test_model_reads_the_tool_results_model_content(client: httpx.Client, fake_o
 def test_readme_shows_the_runtime_provider_the_browser_check_runs() -> None:
     provider = (HERE / "e2e" / "page" / "MyRuntimeProvider.tsx").read_text()
     assert provider in (HERE / "README.md").read_text()
+
+
+def test_signal_receivers_you_connect_still_run(client: httpx.Client) -> None:
+    seen: list[str] = []
+
+    def on_start(**kwargs: object) -> None:
+        seen.append("started")
+
+    def on_finish(**kwargs: object) -> None:
+        seen.append("finished")
+
+    request_started.connect(on_start)
+    request_finished.connect(on_finish)
+    try:
+        chat(client, None, user_says("hi"))
+        deadline = time.monotonic() + 1  # request_finished comes when Django closes the response, after the last byte
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        request_started.disconnect(on_start)
+        request_finished.disconnect(on_finish)
+    assert seen == ["started", "finished"]
+
+
+def test_open_streams_do_not_each_hold_a_thread(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    def sync_receiver(**kwargs: object) -> None:
+        """A plain sync receiver, as a project adds: Django runs it in a worker thread."""
+
+    monkeypatch.setattr(app, "MOCK_DELAY", 0.5)
+    request_started.connect(sync_receiver)
+    threads_before = threading.active_count()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10, limits=httpx.Limits(max_connections=200)) as http:
+            body = {"commands": [user_says("a b c")]}
+            streams = [http.stream("POST", "/assistant", json=body) for _ in range(100)]
+            for stream in streams:
+                next(stream.__enter__().iter_raw())
+            assert threading.active_count() - threads_before <= 3
+            for stream in streams:
+                stream.__exit__(None, None, None)
+    finally:
+        request_started.disconnect(sync_receiver)
+
+
+def test_lifespan_is_answered_so_uvicorn_starts_cleanly() -> None:
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[Json] = []
+
+    async def receive() -> Json:
+        return messages.pop(0)
+
+    async def send(message: Json) -> None:
+        sent.append(message)
+
+    asyncio.run(app.application({"type": "lifespan"}, receive, send))
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
