@@ -23,7 +23,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import wraps
+from functools import partial, wraps
 from typing import Annotated, Any, Literal, TypeVar
 
 import uvicorn
@@ -565,6 +565,27 @@ def describe(error: Exception) -> str:
 # The agent every run uses.
 run_agent: Callable[[RunController, AssistantRequest], Awaitable[None]] = openai_agent if model_client else mock_agent
 
+
+async def run_turn(controller: RunController, request: AssistantRequest) -> None:
+    """One run: apply the request's commands to the state, then let the agent reply."""
+    try:
+        if controller.state is None:
+            controller.state = {"messages": []}
+        elif "messages" not in controller.state:
+            controller.state["messages"] = []
+        for command in request.commands:
+            apply_command(controller, command)
+        await run_agent(controller, request)
+    except asyncio.CancelledError:
+        logger.info("Client disconnected; run stopped")
+        raise
+    except Exception:
+        # create_run would re-raise after its error frame and cut the response short;
+        # ending normally keeps the stream (and the user's message in the state) intact.
+        logger.exception("Run failed")
+        controller.add_error("The assistant failed while replying. The server log has the details.")
+
+
 # --- Views --------------------------------------------------------------------------------
 
 
@@ -609,25 +630,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
     if unknown_calls:
         return json_error(400, "add-tool-result for a tool call that is not in the state", unknown_calls)
 
-    async def run(controller: RunController) -> None:
-        try:
-            if controller.state is None:
-                controller.state = {"messages": []}
-            elif "messages" not in controller.state:
-                controller.state["messages"] = []
-            for command in body.commands:
-                apply_command(controller, command)
-            await run_agent(controller, body)
-        except asyncio.CancelledError:
-            logger.info("Client disconnected; run stopped")
-            raise
-        except Exception:
-            # create_run would re-raise after its error frame and cut the response short;
-            # ending normally keeps the stream (and the user's message in the state) intact.
-            logger.exception("Run failed")
-            controller.add_error("The assistant failed while replying. The server log has the details.")
-
-    stream = ENCODER.encode_stream(create_run(run, state=state))
+    stream = ENCODER.encode_stream(create_run(partial(run_turn, request=body), state=state))
     if HEARTBEAT_SECONDS:
         stream = add_keepalive(stream, HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
     # charset= as well as the header spares Django re-parsing the content type for every chunk.
