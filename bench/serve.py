@@ -1,0 +1,51 @@
+"""Serve app.py's Django app, or its FastAPI twin, under the same uvicorn settings.
+
+Usage: python bench/serve.py django|fastapi PORT
+
+Both sit behind the same probe: GET /__probe answers with the number of tasks in the event loop,
+so the benchmark can see tasks left behind, with neither framework in the way.
+"""
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+
+App = Any  # an ASGI application
+
+
+def probed(asgi_app: App) -> App:
+    """Answer GET /__probe with the loop's task count; pass everything else on."""
+
+    async def with_probe(
+        scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        if scope["type"] == "http" and scope["path"] == "/__probe":
+            body = json.dumps({"tasks": len(asyncio.all_tasks())}).encode()
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await asgi_app(scope, receive, send)
+
+    return with_probe
+
+
+def main() -> None:
+    framework, port = sys.argv[1], int(sys.argv[2])
+    if framework == "django":
+        from app import application as target
+    else:
+        from twin import twin as target
+    uvicorn.run(probed(target), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
