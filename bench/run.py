@@ -366,13 +366,13 @@ def main() -> None:
             runs[framework].append(measure(framework, options.seconds))
     medians = {fw: {key: statistics.median(run[key] for run in runs[fw]) for key in runs[fw][0]} for fw in FRAMEWORKS}
     print(f"\nmedians of {options.rounds} rounds; server on core {SERVER_CORE}, clients on core {CLIENT_CORE}\n")
-    print(f"| {'measure':<45} | {'Django':>9} | {'FastAPI':>9} | {'ratio':>6} | target |")
-    print(f"|{'-' * 47}|{'-' * 11}|{'-' * 11}|{'-' * 8}|--------|")
+    print(f"| {'measure':<52} | {'Django':>9} | {'FastAPI':>9} | {'ratio':>6} | target |")
+    print(f"|{'-' * 54}|{'-' * 11}|{'-' * 11}|{'-' * 8}|--------|")
     for key, label, target in ROWS:
         django, fastapi = medians["django"][key], medians["fastapi"][key]
         ratio = f"{django / fastapi:.2f}" if fastapi else "-"
         goal = verdict(target, django, fastapi, medians)
-        print(f"| {label:<45} | {django:>9.2f} | {fastapi:>9.2f} | {ratio:>6} | {goal} |")
+        print(f"| {label:<52} | {django:>9.2f} | {fastapi:>9.2f} | {ratio:>6} | {goal} |")
 
 
 if __name__ == "__main__":
