@@ -587,6 +587,18 @@ async def run_turn(controller: RunController, request: AssistantRequest) -> None
         controller.add_error("The assistant failed while replying. The server log has the details.")
 
 
+# Tell every proxy on the way not to cache or buffer the stream (nginx reads X-Accel-Buffering).
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def encoded_reply(request: AssistantRequest, state: dict[str, Any] | None) -> AsyncIterator[str]:
+    """The run, encoded in the wire format, with keep-alives while it is idle."""
+    stream: AsyncIterator[str] = ENCODER.encode_stream(create_run(partial(run_turn, request=request), state=state))
+    if HEARTBEAT_SECONDS:
+        stream = add_keepalive(stream, HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
+    return stream
+
+
 # --- Views --------------------------------------------------------------------------------
 
 
@@ -631,15 +643,11 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
     if unknown_calls:
         return json_error(400, "add-tool-result for a tool call that is not in the state", unknown_calls)
 
-    stream = ENCODER.encode_stream(create_run(partial(run_turn, request=body), state=state))
-    if HEARTBEAT_SECONDS:
-        stream = add_keepalive(stream, HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
     # charset= as well as the header spares Django re-parsing the content type for every chunk.
     media_type = f"{ENCODER.get_media_type()}; charset=utf-8"
-    response = StreamingHttpResponse(stream, content_type=media_type, charset="utf-8")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx: pass each piece on at once
-    return response
+    return StreamingHttpResponse(
+        encoded_reply(body, state), content_type=media_type, charset="utf-8", headers=STREAM_HEADERS
+    )
 
 
 # What /health says cannot change while the process runs, so it is encoded once.
