@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,6 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from assistant_stream import RunController
 from django.conf import settings
 from django.core.signals import request_finished, request_started
 
@@ -136,6 +135,10 @@ class Reply:
     def messages(self) -> list[Json]:
         return list(self.state["messages"])
 
+    @property
+    def kinds(self) -> list[str]:
+        return [message["type"] for message in self.messages]
+
 
 def apply_operation(target: Json, path: list[str], operation: Json) -> Json:
     """Apply one state operation with the client's strict rules."""
@@ -213,15 +216,8 @@ def user_says(text: str, parent_id: str | None = None, source_id: str | None = N
     return {"type": "add-message", "message": message, "parentId": parent_id, "sourceId": source_id}
 
 
-def tool_result(state: Json, result: Json, is_error: bool = False) -> Json:
-    call = state["messages"][-1]["parts"][-1]
-    return {
-        "type": "add-tool-result",
-        "toolCallId": call["toolCallId"],
-        "toolName": call["toolName"],
-        "result": result,
-        "isError": is_error,
-    }
+def tool_result(call_id: str, result: Json, is_error: bool = False, **extra: Json) -> Json:
+    return {"type": "add-tool-result", "toolCallId": call_id, "result": result, "isError": is_error, **extra}
 
 
 def chat(client: httpx.Client, state: Json, *commands: Json, protocol: str = "data-stream", **extra: Json) -> Reply:
@@ -231,15 +227,26 @@ def chat(client: httpx.Client, state: Json, *commands: Json, protocol: str = "da
     return reply
 
 
-def texts(message: Json) -> str:
-    return "".join(part["text"] for part in message["parts"] if part["type"] == "text")
+def text(message: Json) -> str:
+    """The text of a message's content, as convertLangChainMessages reads it."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(b["text"] for b in content if b["type"] == "text")
 
 
-def tool_calls(state: Json) -> list[Json]:
-    return [part for message in state["messages"] for part in message["parts"] if part["type"] == "tool-call"]
+def calls(state: Json) -> list[Json]:
+    """Every tool call of every ai message."""
+    return [call for message in state["messages"] if message["type"] == "ai" for call in message.get("tool_calls", [])]
 
 
-# --- The conversation ---------------------------------------------------------------------
+def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
+    """Poll until the condition holds or the time is up; say whether it held."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+# --- The conversation: LangChain messages, as convertLangChainMessages reads them -----------
 
 
 def test_health_says_which_agent_serves(client: httpx.Client) -> None:
@@ -255,45 +262,49 @@ def test_health_says_which_agent_serves(client: httpx.Client) -> None:
     }
 
 
+def test_health_answers_head_without_a_body(client: httpx.Client) -> None:
+    response = client.head("/health")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == b""
+
+
 @pytest.mark.parametrize("start", [{"state": None}, {}], ids=["state-null", "state-absent"])
-def test_new_thread_gets_the_user_message_and_a_reply(client: httpx.Client, start: Json, protocol: str) -> None:
+def test_new_thread_gets_a_human_message_and_an_ai_reply(client: httpx.Client, start: Json, protocol: str) -> None:
     reply = send(client, {"commands": [user_says("hello there")], **start}, protocol)
     assert reply.status == 200
-    user, assistant = reply.messages
-    assert user["role"] == "user"
-    assert user["parts"] == [{"type": "text", "text": "hello there"}]
-    assert assistant["role"] == "assistant"
-    assert texts(assistant) == 'You said: "hello there".'
+    human, ai = reply.messages
+    assert human["type"] == "human"
+    assert human["content"] == [{"type": "text", "text": "hello there"}]
+    assert ai["type"] == "ai"
+    assert ai["content"] == 'You said: "hello there".'
+    assert ai["tool_calls"] == []
 
 
-def test_reply_arrives_in_pieces_over_time(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reply_grows_by_append_text_in_pieces_over_time(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(app, "MOCK_DELAY", 0.05)
     reply = chat(client, None, user_says("one two three four five six"))
-    text_chunks = [(at, chunk) for at, chunk in reply.chunks if b"append-text" in chunk]
+    assert appended(reply, "content") == ["You", " said:", ' "one', " two", " three", " four", " five", ' six".']
+    text_chunks = [at for at, chunk in reply.chunks if b"append-text" in chunk]
     assert len(text_chunks) >= 8, "each word should arrive in its own chunk"
-    assert text_chunks[-1][0] - text_chunks[0][0] >= 0.3, "the pieces arrived in one lump"
-    assert texts(reply.messages[1]) == 'You said: "one two three four five six".'
-
-
-def test_reply_is_written_with_append_text_operations(client: httpx.Client) -> None:
-    reply = chat(client, None, user_says("stream me"))
-    assert appended(reply, "text") == ["You", " said:", ' "stream', ' me".']
+    assert text_chunks[-1] - text_chunks[0] >= 0.3, "the pieces arrived in one lump"
 
 
 def test_long_messages_are_quoted_only_in_part(client: httpx.Client) -> None:
     reply = chat(client, None, user_says("word " * 5000))
-    assert reply.messages[0]["parts"][0]["text"] == "word " * 5000
-    assert len(texts(reply.messages[1])) < 600
+    assert text(reply.messages[0]) == "word " * 5000
+    assert len(text(reply.messages[1])) < 600
 
 
-def test_image_parts_are_kept_and_acknowledged(client: httpx.Client) -> None:
-    message = {
-        "role": "user",
-        "parts": [{"type": "text", "text": "look"}, {"type": "image", "image": "data:image/png;base64,iVBORw0KGgo="}],
-    }
+def test_images_become_image_url_blocks(client: httpx.Client) -> None:
+    image = "data:image/png;base64,iVBORw0KGgo="
+    message = {"role": "user", "parts": [{"type": "text", "text": "look"}, {"type": "image", "image": image}]}
     reply = chat(client, None, {"type": "add-message", "message": message})
-    assert reply.messages[0]["parts"] == message["parts"]
-    assert texts(reply.messages[1]) == 'You said: "look" and sent 1 image(s).'
+    assert reply.messages[0]["content"] == [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    assert reply.messages[1]["content"] == 'You said: "look" and sent 1 image(s).'
 
 
 def test_every_added_message_has_a_unique_id(client: httpx.Client) -> None:
@@ -305,34 +316,32 @@ def test_every_added_message_has_a_unique_id(client: httpx.Client) -> None:
     assert len(set(ids)) == 4
 
 
+def test_a_new_turn_sends_only_the_new_messages(client: httpx.Client) -> None:
+    first = chat(client, None, user_says("one"))
+    second = chat(client, first.state, user_says("two"))
+    written = {tuple(operation["path"][:2]) for operation in second.operations}
+    assert written == {("messages", "2"), ("messages", "3")}, "earlier messages must not be sent again"
+
+
 def test_unknown_state_fields_are_kept(client: httpx.Client) -> None:
-    state: Json = {
-        "messages": [
-            {
-                "id": "m1",
-                "role": "user",
-                "parts": [{"type": "text", "text": "hi", "note": 1}],
-                "metadata": {"pinned": True},
-            }
-        ],
-        "draft": {"title": "kept"},
-    }
+    human = {"id": "m1", "type": "human", "content": "hi", "additional_kwargs": {"pinned": True}, "note": 1}
+    state: Json = {"messages": [human], "draft": {"title": "kept"}}
     reply = chat(client, state, user_says("again", parent_id="m1"))
     assert reply.state["draft"] == {"title": "kept"}
-    assert reply.messages[0] == state["messages"][0]
+    assert reply.messages[0] == human
 
 
 def test_all_commands_of_a_request_are_applied_in_order(client: httpx.Client) -> None:
     reply = chat(client, None, user_says("first"), user_says("second"))
-    assert [texts(message) for message in reply.messages] == ["first", "second", 'You said: "second".']
+    assert [text(message) for message in reply.messages] == ["first", "second", 'You said: "second".']
 
 
 def test_edit_drops_the_messages_after_its_parent(client: httpx.Client) -> None:
     first = chat(client, None, user_says("one"))
     second = chat(client, first.state, user_says("two"))
-    parent = second.messages[1]["id"]
-    edited = chat(client, second.state, user_says("two, edited", parent_id=parent, source_id=second.messages[2]["id"]))
-    assert [texts(message) for message in edited.messages] == [
+    parent, replaced = second.messages[1]["id"], second.messages[2]["id"]
+    edited = chat(client, second.state, user_says("two, edited", parent_id=parent, source_id=replaced))
+    assert [text(message) for message in edited.messages] == [
         "one",
         'You said: "one".',
         "two, edited",
@@ -344,13 +353,13 @@ def test_editing_the_first_message_starts_the_thread_over(client: httpx.Client) 
     first = chat(client, None, user_says("one"))
     second = chat(client, first.state, user_says("two"))
     edited = chat(client, second.state, user_says("uno", parent_id=None, source_id=second.messages[0]["id"]))
-    assert [texts(message) for message in edited.messages] == ["uno", 'You said: "uno".']
+    assert [text(message) for message in edited.messages] == ["uno", 'You said: "uno".']
 
 
 def test_parent_id_naming_no_message_appends(client: httpx.Client) -> None:
     first = chat(client, None, user_says("one"))
     second = chat(client, first.state, user_says("two", parent_id="not-in-the-thread"))
-    assert [texts(message) for message in second.messages][:3] == ["one", 'You said: "one".', "two"]
+    assert [text(message) for message in second.messages][:3] == ["one", 'You said: "one".', "two"]
 
 
 def test_custom_command_is_accepted_and_changes_nothing(client: httpx.Client) -> None:
@@ -359,55 +368,96 @@ def test_custom_command_is_accepted_and_changes_nothing(client: httpx.Client) ->
     assert reply.state == first.state
 
 
+def test_request_fields_the_backend_does_not_read_are_accepted(client: httpx.Client) -> None:
+    extra: dict[str, Any] = {"threadId": "t1", "parentId": None, "runConfig": {}, "Test-Body": "test-value"}
+    reply = chat(client, None, user_says("hi"), **extra)
+    assert text(reply.messages[1]) == 'You said: "hi".'
+
+
 # --- The weather tool round trip ----------------------------------------------------------------
 
 
-def test_weather_question_streams_a_get_weather_call_and_stops(client: httpx.Client, protocol: str) -> None:
-    reply = chat(client, None, user_says("What's the weather in Paris?"), protocol=protocol)
-    assistant = reply.messages[-1]
-    assert texts(assistant).endswith("Let me check the weather in Paris.")
-    call = assistant["parts"][-1]
-    assert call["type"] == "tool-call"
-    assert call["toolName"] == "get_weather"
-    assert call["toolCallId"]
-    assert json.loads(call["argsText"]) == call["args"] == {"location": "Paris"}
-    assert "result" not in call, "the frontend runs the tool, not the backend"
-    assert len(appended(reply, "argsText")) >= 2, "the arguments should stream in pieces"
+def test_the_examples_weather_suggestion_calls_get_weather(client: httpx.Client, protocol: str) -> None:
+    reply = chat(client, None, user_says("What's the weather like in San Francisco today?"), protocol=protocol)
+    ai = reply.messages[-1]
+    assert ai["content"].endswith("Let me check the weather in San Francisco.")
+    (call,) = ai["tool_calls"]
+    assert call["name"] == "get_weather"
+    assert call["id"].startswith("call_")
+    assert json.loads(call["partial_json"]) == call["args"] == {"location": "San Francisco"}
+    assert len(appended(reply, "partial_json")) >= 2, "the arguments should stream in pieces"
+    assert reply.kinds == ["human", "ai"], "the frontend runs the tool, so the run stops at the call"
 
 
-def test_tool_result_gets_a_closing_sentence_and_no_second_call(client: httpx.Client, protocol: str) -> None:
+def test_tool_result_becomes_a_tool_message_then_a_new_ai_reply(client: httpx.Client, protocol: str) -> None:
     asked = chat(client, None, user_says("weather in Oslo?"), protocol=protocol)
-    answered = chat(
-        client, asked.state, tool_result(asked.state, {"temperature": "3°C", "sky": "snow"}), protocol=protocol
+    (call,) = calls(asked.state)
+    result = {"location": "Oslo", "temperature": 3, "unit": "celsius"}
+    answered = chat(client, asked.state, tool_result(call["id"], result), protocol=protocol)
+    assert answered.kinds == ["human", "ai", "tool", "ai"]
+    tool = answered.messages[2]
+    assert tool | {"id": None} == {
+        "id": None,
+        "type": "tool",
+        "tool_call_id": call["id"],
+        "name": "get_weather",
+        "content": result,
+        "status": "success",
+    }
+    assert (
+        answered.messages[3]["content"]
+        == 'get_weather answered: {"location": "Oslo", "temperature": 3, "unit": "celsius"}'
     )
-    (call,) = tool_calls(answered.state)
-    assert call["result"] == {"temperature": "3°C", "sky": "snow"}
-    assert call["isError"] is False
-    closing = answered.messages[-1]["parts"][-1]
-    assert closing == {"type": "text", "text": 'Here is the weather in Oslo: {"temperature": "3°C", "sky": "snow"}'}
     again = chat(client, answered.state, {"type": "refresh"}, protocol=protocol)
     assert again.state == answered.state, "the run loop must end after the closing sentence"
 
 
 @pytest.mark.parametrize("result", ["Sunny", 21.5, [1, 2], None, True, {"nested": {"deep": [1]}}])
-def test_tool_result_may_be_any_json_value(client: httpx.Client, result: Json) -> None:
+def test_tool_result_is_kept_exactly_as_sent(client: httpx.Client, result: Json) -> None:
     asked = chat(client, None, user_says("weather?"))
-    answered = chat(client, asked.state, tool_result(asked.state, result))
-    assert tool_calls(answered.state)[0]["result"] == result
+    answered = chat(client, asked.state, tool_result(calls(asked.state)[0]["id"], result))
+    assert answered.messages[2]["content"] == result
 
 
-def test_tool_error_is_reported_to_the_user(client: httpx.Client) -> None:
+def test_tool_error_is_marked_and_reported_to_the_user(client: httpx.Client) -> None:
     asked = chat(client, None, user_says("weather in Rome?"))
-    answered = chat(client, asked.state, tool_result(asked.state, "service down", is_error=True))
-    assert tool_calls(answered.state)[0]["isError"] is True
-    assert texts(answered.messages[-1]).endswith("Sorry, I could not get the weather in Rome: service down")
+    answered = chat(client, asked.state, tool_result(calls(asked.state)[0]["id"], "service down", is_error=True))
+    assert answered.messages[2]["status"] == "error"
+    assert answered.messages[3]["content"] == "get_weather failed: service down"
 
 
-def test_tool_result_artifact_is_stored_on_the_part(client: httpx.Client) -> None:
+def test_tool_result_artifact_is_kept(client: httpx.Client) -> None:
     asked = chat(client, None, user_says("weather?"))
-    command = {**tool_result(asked.state, "ok"), "artifact": {"chart": [1, 2]}, "modelContent": [{"type": "text"}]}
-    answered = chat(client, asked.state, command)
-    assert tool_calls(answered.state)[0]["artifact"] == {"chart": [1, 2]}
+    answered = chat(client, asked.state, tool_result(calls(asked.state)[0]["id"], "ok", artifact={"chart": [1, 2]}))
+    assert answered.messages[2]["artifact"] == {"chart": [1, 2]}
+
+
+def test_a_repeated_tool_result_replaces_the_first(client: httpx.Client) -> None:
+    asked = chat(client, None, user_says("weather?"))
+    call_id = calls(asked.state)[0]["id"]
+    answered = chat(client, asked.state, tool_result(call_id, "first"), tool_result(call_id, "second"))
+    assert answered.kinds == ["human", "ai", "tool", "ai"]
+    assert answered.messages[2]["content"] == "second"
+
+
+def test_a_message_after_a_tool_round_keeps_the_round(client: httpx.Client) -> None:
+    asked = chat(client, None, user_says("weather?"))
+    answered = chat(client, asked.state, tool_result(calls(asked.state)[0]["id"], "sunny"))
+    # assistant-ui shows the ai, tool and ai messages as one reply with the first one's id: its parent.
+    parent = answered.messages[1]["id"]
+    thanked = chat(client, answered.state, user_says("thanks", parent_id=parent))
+    assert thanked.kinds == ["human", "ai", "tool", "ai", "human", "ai"]
+    assert thanked.messages[:4] == answered.messages
+
+
+def test_editing_the_message_after_a_tool_round_keeps_the_round(client: httpx.Client) -> None:
+    asked = chat(client, None, user_says("weather?"))
+    answered = chat(client, asked.state, tool_result(calls(asked.state)[0]["id"], "sunny"))
+    thanked = chat(client, answered.state, user_says("thanks", parent_id=answered.messages[1]["id"]))
+    edit = user_says("thank you", parent_id=answered.messages[1]["id"], source_id=thanked.messages[4]["id"])
+    edited = chat(client, thanked.state, edit)
+    assert [text(message) for message in edited.messages[4:]] == ["thank you", 'You said: "thank you".']
+    assert edited.messages[:4] == answered.messages
 
 
 def test_no_tool_call_when_the_frontend_does_not_offer_get_weather(client: httpx.Client) -> None:
@@ -416,23 +466,7 @@ def test_no_tool_call_when_the_frontend_does_not_offer_get_weather(client: httpx
         "search": {"parameters": {"type": "object"}},
     }
     reply = chat(client, None, user_says("weather in Lima?"), tools=tools)
-    assert tool_calls(reply.state) == []
-
-
-def test_request_fields_the_backend_does_not_use_are_accepted(client: httpx.Client) -> None:
-    extra: dict[str, Any] = {
-        "system": "Be brief.",
-        "threadId": "t1",
-        "parentId": None,
-        "runConfig": {},
-        "custom": [1],
-        "callSettings": {"temperature": 0.2},
-        "config": {"apiKey": "sk-client", "baseUrl": "http://evil"},
-        "temperature": 0.2,
-        "apiKey": "sk-client",
-    }
-    reply = chat(client, None, user_says("hi"), **extra)
-    assert texts(reply.messages[1]) == 'You said: "hi".'
+    assert calls(reply.state) == []
 
 
 # --- Streams: headers, keep-alives, errors inside a run, disconnects -----------------------------
@@ -453,15 +487,14 @@ def test_keepalives_flow_while_the_run_is_idle(
     monkeypatch.setattr(app, "HEARTBEAT_SECONDS", 0.05)
     reply = chat(client, None, user_says("slow"), protocol=protocol)
     assert reply.keepalives >= 4
-    assert texts(reply.messages[1]) == 'You said: "slow".'
+    assert text(reply.messages[1]) == 'You said: "slow".'
 
 
 def test_error_mid_run_reaches_the_client_and_keeps_the_conversation(
     client: httpx.Client, protocol: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def failing_agent(controller: RunController, request: app.AssistantRequest) -> None:
-        controller.state["messages"].append({"id": "a1", "role": "assistant", "parts": []})
-        await app.type_text(controller, app.add_text_part(controller), "Half a")
+    async def failing_agent(thread: Json, request: Json) -> AsyncIterator[Json]:
+        yield {"choices": [{"index": 0, "delta": {"content": "Half a"}}]}
         raise RuntimeError("model exploded")
 
     first = chat(client, None, user_says("one"), protocol=protocol)
@@ -469,7 +502,7 @@ def test_error_mid_run_reaches_the_client_and_keeps_the_conversation(
     reply = send(client, {"commands": [user_says("two")], "state": first.state}, protocol)
     assert reply.status == 200
     assert reply.errors == ["The assistant failed while replying. The server log has the details."]
-    assert [texts(message) for message in reply.messages] == ["one", 'You said: "one".', "two", "Half a"]
+    assert [text(message) for message in reply.messages] == ["one", 'You said: "one".', "two", "Half a"]
     assert "model exploded" in caplog.text
     assert "Traceback" in caplog.text
     assert client.get("/health").status_code == 200
@@ -481,95 +514,150 @@ def test_client_disconnect_stops_the_run(
     monkeypatch.setattr(app, "MOCK_DELAY", 0.05)
     caplog.set_level(logging.INFO, logger="assistant_transport")
     baseline = server.task_count()
-    body = {"commands": [user_says("word " * 200)], "state": None}
-    with client.stream("POST", "/assistant", json=body) as response:
+    with client.stream("POST", "/assistant", json={"commands": [user_says("word " * 200)]}) as response:
         next(response.iter_raw())
     client.close()  # the tab closes: the connection goes away
-    deadline = time.monotonic() + 1
-    while time.monotonic() < deadline and (server.task_count() > baseline or "run stopped" not in caplog.text):
-        time.sleep(0.02)
-    assert "Client disconnected; run stopped" in caplog.text
-    assert server.task_count() == baseline, "a task outlived the disconnected stream"
+    assert wait_until(lambda: "Client disconnected; run stopped" in caplog.text, 1)
+    assert wait_until(lambda: server.task_count() == baseline, 1), "a task outlived the disconnected stream"
+
+
+def test_open_streams_do_not_each_hold_a_thread(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    def sync_receiver(**kwargs: object) -> None:
+        """A plain sync receiver, as a project adds: Django runs it in a worker thread."""
+
+    monkeypatch.setattr(app, "MOCK_DELAY", 0.5)
+    request_started.connect(sync_receiver)
+    threads_before = threading.active_count()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10, limits=httpx.Limits(max_connections=200)) as http:
+            body = {"commands": [user_says("a b c")]}
+            streams = [http.stream("POST", "/assistant", json=body) for _ in range(100)]
+            for stream in streams:
+                next(stream.__enter__().iter_raw())
+            assert threading.active_count() - threads_before <= 3
+            for stream in streams:
+                stream.__exit__(None, None, None)
+    finally:
+        request_started.disconnect(sync_receiver)
+
+
+def test_signal_receivers_you_connect_still_run(client: httpx.Client) -> None:
+    seen: list[str] = []
+
+    def on_start(scope: Json, **kwargs: object) -> None:
+        if scope["query_string"] == b"probe=signals":  # this test's request, not a stream another test left
+            seen.append("started")
+
+    def on_finish(**kwargs: object) -> None:
+        if seen:
+            seen.append("finished")
+
+    request_started.connect(on_start)
+    request_finished.connect(on_finish)
+    try:
+        assert client.get("/health", params={"probe": "signals"}).status_code == 200
+        wait_until(lambda: len(seen) >= 2, 1)  # request_finished comes when Django closes the response
+    finally:
+        request_started.disconnect(on_start)
+        request_finished.disconnect(on_finish)
+    assert seen[:2] == ["started", "finished"]
 
 
 # --- Errors before the stream: JSON, with CORS headers, and the server keeps going ---------------
 
-GOOD_BODY = json.dumps({"commands": []})
-Case = tuple[str, str, dict[str, str], bytes, int]
-ERRORS: dict[str, Case] = {
-    "invalid-json": ("POST", "/assistant", {}, b"{nope", 400),
-    "not-utf8": ("POST", "/assistant", {}, b'{"commands": ["\xff"]}', 400),
-    "nested-too-deep": (
+
+@dataclass
+class Refusal:
+    """A request the server refuses before any stream starts, and what the refusal must say."""
+
+    method: str
+    path: str
+    body: bytes = b""
+    status: int = 400
+    headers: dict[str, str] = field(default_factory=dict)
+    details: Json = None  # the exact details, where the refusal names what was wrong
+    allow: str | None = None  # the Allow header of a 405
+
+
+REFUSALS = {
+    "invalid-json": Refusal("POST", "/assistant", b"{nope"),
+    "not-utf8": Refusal("POST", "/assistant", b'{"commands": ["\xff"]}'),
+    "nested-too-deep": Refusal(
+        "POST", "/assistant", b'{"commands": [], "state": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}"
+    ),
+    "missing-commands": Refusal("POST", "/assistant", b'{"state": null}'),
+    "wrong-types": Refusal("POST", "/assistant", b'{"commands": "add-message"}'),
+    "malformed-add-message": Refusal("POST", "/assistant", b'{"commands": [{"type": "add-message"}]}'),
+    "assistant-role-message": Refusal(
+        "POST", "/assistant", b'{"commands": [{"type": "add-message", "message": {"role": "assistant", "parts": []}}]}'
+    ),
+    "state-message-without-type": Refusal(
+        "POST", "/assistant", b'{"commands": [], "state": {"messages": [{"role": "robot"}]}}'
+    ),
+    "too-many-commands": Refusal("POST", "/assistant", json.dumps({"commands": [{"type": "x"}] * 101}).encode()),
+    "unknown-tool-call": Refusal(
         "POST",
         "/assistant",
-        {},
-        b'{"commands": [], "state": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}",
-        400,
+        b'{"commands": [{"type": "add-tool-result", "toolCallId": "call_gone"}]}',
+        details=["call_gone"],
     ),
-    "missing-commands": ("POST", "/assistant", {}, b'{"state": null}', 400),
-    "wrong-types": ("POST", "/assistant", {}, b'{"commands": "add-message"}', 400),
-    "malformed-add-message": ("POST", "/assistant", {}, b'{"commands": [{"type": "add-message"}]}', 400),
-    "bad-state": ("POST", "/assistant", {}, b'{"commands": [], "state": {"messages": [{"role": "robot"}]}}', 400),
-    "too-many-commands": ("POST", "/assistant", {}, json.dumps({"commands": [{"type": "x"}] * 101}).encode(), 400),
-    "unknown-tool-call": (
-        "POST",
-        "/assistant",
-        {},
-        b'{"commands": [{"type": "add-tool-result", "toolCallId": "x"}]}',
-        400,
-    ),
-    "not-json-content-type": ("POST", "/assistant", {"Content-Type": "text/plain"}, GOOD_BODY.encode(), 415),
-    "wrong-method": ("GET", "/assistant", {}, b"", 405),
-    "wrong-method-health": ("POST", "/health", {}, b"", 405),
-    "unknown-path": ("GET", "/nope", {}, b"", 404),
-    "host-not-allowed": ("GET", "/health", {"Host": "evil.example"}, b"", 400),
+    "not-json-content-type": Refusal("POST", "/assistant", b'{"commands": []}', 415, {"Content-Type": "text/plain"}),
+    "wrong-method": Refusal("GET", "/assistant", status=405, allow="POST"),
+    "wrong-method-health": Refusal("DELETE", "/health", status=405, allow="GET, HEAD"),
+    "unknown-path": Refusal("GET", "/nope", status=404),
+    "host-not-allowed": Refusal("GET", "/health", headers={"Host": "evil.example"}),
 }
 
 
-def request(client: httpx.Client, method: str, path: str, headers: dict[str, str], body: bytes) -> httpx.Response:
-    return client.request(method, path, content=body, headers={"Content-Type": "application/json", **headers})
+def refuse(client: httpx.Client, case: Refusal, **headers: str) -> httpx.Response:
+    all_headers = {"Content-Type": "application/json", **case.headers, **headers}
+    return client.request(case.method, case.path, content=case.body, headers=all_headers)
 
 
-@pytest.mark.parametrize("case", ERRORS.values(), ids=ERRORS.keys())
-def test_bad_request_gets_a_json_error_and_the_server_keeps_serving(client: httpx.Client, case: Case) -> None:
-    method, path, headers, body, status = case
-    response = request(client, method, path, headers, body)
-    assert response.status_code == status
+@pytest.mark.parametrize("case", REFUSALS.values(), ids=REFUSALS.keys())
+def test_bad_request_gets_a_json_error_and_the_server_keeps_serving(client: httpx.Client, case: Refusal) -> None:
+    response = refuse(client, case)
+    assert response.status_code == case.status
     assert response.headers["content-type"] == "application/json"
     assert isinstance(response.json()["error"], str)
     assert response.json()["error"]
+    if case.details is not None:
+        assert response.json()["details"] == case.details
+    assert response.headers.get("allow") == case.allow
     assert client.get("/health").status_code == 200
 
 
-@pytest.mark.parametrize("case", ERRORS.values(), ids=ERRORS.keys())
-def test_error_responses_carry_cors_headers(client: httpx.Client, case: Case) -> None:
-    method, path, headers, body, status = case
-    response = request(client, method, path, {"Origin": FRONTEND, **headers}, body)
-    assert response.status_code == status
+@pytest.mark.parametrize("case", REFUSALS.values(), ids=REFUSALS.keys())
+def test_error_responses_carry_cors_headers(client: httpx.Client, case: Refusal) -> None:
+    response = refuse(client, case, Origin=FRONTEND)
+    assert response.status_code == case.status
     assert response.headers["access-control-allow-origin"] == FRONTEND
     assert "Origin" in response.headers["vary"]
 
 
-def test_schema_errors_list_what_is_wrong(client: httpx.Client) -> None:
-    response = request(client, "POST", "/assistant", {}, b'{"commands": [{"type": "add-message"}]}')
-    details = response.json()["details"]
-    assert [problem["loc"] for problem in details] == [["commands", 0, "add-message", "message"]]
+def test_schema_errors_name_each_problem(client: httpx.Client) -> None:
+    message = {"role": "user", "parts": [{"type": "image"}]}
+    body = {"commands": [{"type": "add-message", "message": message}], "tools": 1}
+    details = client.post("/assistant", json=body).json()["details"]
+    assert [problem["loc"] for problem in details] == [
+        ["commands", 0, "add-message", "message", "parts", 0, "image", "image"],
+        ["tools"],
+    ]
 
 
-def test_wrong_method_names_the_allowed_one(client: httpx.Client) -> None:
-    assert client.get("/assistant").headers["allow"] == "POST"
-    assert client.delete("/health").headers["allow"] == "GET"
-
-
-def test_unknown_tool_call_is_named(client: httpx.Client) -> None:
-    body = b'{"commands": [{"type": "add-tool-result", "toolCallId": "call_gone", "result": 1}]}'
-    assert request(client, "POST", "/assistant", {}, body).json()["details"] == ["call_gone"]
+def test_a_tool_result_for_a_call_an_earlier_edit_removed_is_refused(client: httpx.Client) -> None:
+    asked = chat(client, None, user_says("weather?"))
+    edit = user_says("never mind", source_id=asked.messages[0]["id"])
+    body = {"commands": [edit, tool_result(calls(asked.state)[0]["id"], "sunny")], "state": asked.state}
+    response = client.post("/assistant", json=body)
+    assert response.status_code == 400
+    assert response.json()["details"] == [calls(asked.state)[0]["id"]]
 
 
 def test_body_over_the_size_limit_is_refused_with_413(client: httpx.Client) -> None:
     padding = "x" * (app.MAX_REQUEST_BYTES + 1)
     body = json.dumps({"commands": [], "padding": padding}).encode()
-    response = request(client, "POST", "/assistant", {"Origin": FRONTEND}, body)
+    response = client.post("/assistant", content=body, headers={"Content-Type": "application/json", "Origin": FRONTEND})
     assert response.status_code == 413
     assert str(app.MAX_REQUEST_BYTES) in response.json()["error"]
     assert response.headers["access-control-allow-origin"] == FRONTEND
@@ -584,7 +672,7 @@ def preflight(client: httpx.Client, origin: str, method: str = "POST") -> httpx.
         headers={
             "Origin": origin,
             "Access-Control-Request-Method": method,
-            "Access-Control-Request-Headers": "content-type,x-trace",
+            "Access-Control-Request-Headers": "content-type,test-header",
         },
     )
 
@@ -595,7 +683,7 @@ def test_preflight_from_an_allowed_origin_is_answered(client: httpx.Client) -> N
     assert response.headers["access-control-allow-origin"] == FRONTEND
     assert response.headers["access-control-allow-credentials"] == "true"
     assert "POST" in response.headers["access-control-allow-methods"]
-    assert response.headers["access-control-allow-headers"] == "content-type,x-trace"
+    assert response.headers["access-control-allow-headers"] == "content-type,test-header"
     assert int(response.headers["access-control-max-age"]) > 0
     assert "Origin" in response.headers["vary"]
 
@@ -603,12 +691,10 @@ def test_preflight_from_an_allowed_origin_is_answered(client: httpx.Client) -> N
 @pytest.mark.parametrize(
     ("origin", "method"), [("https://evil.example", "POST"), (FRONTEND, "DELETE"), (FRONTEND, "ST")]
 )
-def test_preflight_for_another_origin_or_method_is_refused(client: httpx.Client, origin: str, method: str) -> None:
+def test_a_refused_preflight_carries_no_allow_headers(client: httpx.Client, origin: str, method: str) -> None:
     response = preflight(client, origin, method)
     assert response.status_code == 403
-    assert "access-control-allow-methods" not in response.headers
-    if origin != FRONTEND:
-        assert not [name for name in response.headers if name.lower().startswith("access-control-allow")]
+    assert [name for name in response.headers if name.lower().startswith("access-control-allow")] == []
 
 
 def test_stream_to_an_allowed_origin_carries_cors_headers(client: httpx.Client) -> None:
@@ -683,7 +769,7 @@ def test_the_documented_commands_serve_streams(command: list[str]) -> None:
     with app_process(command) as http:
         assert http.get("/health").json()["agent"] == "mock"
         reply = chat(http, None, user_says("hello"))
-        assert texts(reply.messages[1]) == 'You said: "hello".'
+        assert text(reply.messages[1]) == 'You said: "hello".'
 
 
 def test_bad_setting_stops_startup_with_one_clear_line() -> None:
@@ -710,12 +796,17 @@ def test_debug_is_off_unless_set() -> None:
     assert run_app("-c", "import app; print(app.settings.DEBUG)", DEBUG="true").stdout.strip() == "True"
 
 
+def test_readme_shows_the_runtime_provider_the_browser_check_runs() -> None:
+    provider = (HERE / "e2e" / "page" / "MyRuntimeProvider.tsx").read_text()
+    assert provider in (HERE / "README.md").read_text()
+
+
 # --- The OpenAI agent, against a local server that streams like the OpenAI API -------------------
 
 
 @dataclass
 class Completion:
-    """One scripted answer: streamed deltas, or an HTTP error."""
+    """One scripted answer: streamed deltas (and an error event after them), or an HTTP error."""
 
     deltas: list[Json] = field(default_factory=list)
     finish_reason: str = "stop"
@@ -728,10 +819,10 @@ def says(*tokens: str, delay: float = 0) -> Completion:
     return Completion([{"role": "assistant", "content": ""}, *({"content": token} for token in tokens)], delay=delay)
 
 
-def calls_tools(*calls: tuple[str, str, list[str]]) -> Completion:
+def calls_tools(*tool_calls: tuple[str, str, list[str]]) -> Completion:
     """Tool calls as the API streams them: id and name first, then the arguments in pieces."""
     deltas: list[Json] = [{"role": "assistant", "content": None}]
-    for index, (call_id, name, pieces) in enumerate(calls):
+    for index, (call_id, name, pieces) in enumerate(tool_calls):
         function = {"name": name, "arguments": ""}
         deltas.append({"tool_calls": [{"index": index, "id": call_id, "type": "function", "function": function}]})
         deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
@@ -762,37 +853,31 @@ class FakeOpenAI:
         self.authorizations.append(dict(scope["headers"]).get(b"authorization", b"").decode())
         answer = self.script.pop(0) if self.script else says("ok")
         if answer.status != 200:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": answer.status,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": answer.status, "headers": headers})
             await send({"type": "http.response.body", "body": json.dumps({"error": answer.error}).encode()})
             return
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         hung_up = asyncio.ensure_future(receive())  # resolves with http.disconnect when the client goes
-        chunks = [
+        choices = [
             *({"delta": delta, "finish_reason": None} for delta in answer.deltas),
             {"delta": {}, "finish_reason": answer.finish_reason},
         ]
-        for choice in chunks:
+        events: list[Json] = [{"choices": [{"index": 0, "logprobs": None, **choice}]} for choice in choices]
+        # The usage chunk that ends a stream asked for with stream_options.include_usage: no choices.
+        events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
+        if answer.error is not None:  # an error after the 200, as the API sends one mid-stream
+            events[-2:] = [{"error": answer.error}]
+        for event in events:
             done, _ = await asyncio.wait({hung_up}, timeout=answer.delay)
             if done:
                 self.disconnected_at = time.monotonic()
                 return
-            chunk = {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion.chunk",
-                "created": 1700000000,
-                "model": "gpt-4o-mini",
-                "system_fingerprint": "fp_fake",
-                "choices": [{"index": 0, "logprobs": None, **choice}],
-            }
-            await send(
-                {"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True}
-            )
+            if "error" not in event:
+                event |= {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000}
+                event |= {"model": "gpt-4o-mini", "system_fingerprint": "fp_fake"}
+            chunk = f"data: {json.dumps(event)}\n\n".encode()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         hung_up.cancel()
 
@@ -821,62 +906,79 @@ def fake_openai(
 def test_openai_reply_streams_token_by_token(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
     fake_openai.script = [says("Hel", "lo", " from", " the", " model", delay=0.05)]
     reply = chat(client, None, user_says("hi"))
-    assert texts(reply.messages[1]) == "Hello from the model"
-    assert appended(reply, "text") == ["Hel", "lo", " from", " the", " model"]
+    assert reply.messages[1]["content"] == "Hello from the model"
+    assert appended(reply, "content") == ["Hel", "lo", " from", " the", " model"]
     text_chunks = [at for at, chunk in reply.chunks if b"append-text" in chunk]
     assert text_chunks[-1] - text_chunks[0] >= 0.15, "the tokens arrived in one lump"
     assert fake_openai.requests[0]["model"] == "gpt-4o-mini"
     assert fake_openai.requests[0]["stream"] is True
 
 
-def test_history_maps_to_openai_messages(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+def test_history_maps_to_openai_messages_one_for_one(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
     image = "data:image/png;base64,iVBORw0KGgo="
+    weather = {
+        "id": "call_1",
+        "name": "get_weather",
+        "args": {"location": "Oslo"},
+        "partial_json": '{"location": "Oslo"}',
+    }
     state = {
         "messages": [
             {
-                "id": "u1",
-                "role": "user",
-                "parts": [{"type": "text", "text": "Weather here?"}, {"type": "image", "image": image}],
+                "id": "h1",
+                "type": "human",
+                "content": [
+                    {"type": "text", "text": "Weather here?"},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ],
             },
+            {"id": "a0", "type": "ai", "content": ""},  # a step that failed before its first token
             {
                 "id": "a1",
-                "role": "assistant",
-                "parts": [
-                    {"type": "text", "text": "Checking."},
-                    {
-                        "type": "tool-call",
-                        "toolCallId": "call_1",
-                        "toolName": "get_weather",
-                        "argsText": '{"location": "Oslo"}',
-                        "args": {"location": "Oslo"},
-                        "result": {"temp": 3},
-                        "isError": False,
-                    },
-                    {
-                        "type": "tool-call",
-                        "toolCallId": "call_2",
-                        "toolName": "get_time",
-                        "argsText": "{}",
-                        "args": {},
-                        "result": "raw",
-                        "modelContent": [{"type": "text", "text": "12:00"}],
-                        "isError": False,
-                    },
-                    {"type": "text", "text": "It is 3 degrees at noon."},
-                    {
-                        "type": "tool-call",
-                        "toolCallId": "call_3",
-                        "toolName": "get_radar",
-                        "argsText": "{}",
-                        "args": {},
-                        "result": "radar offline",
-                        "isError": True,
-                    },
-                ],
+                "type": "ai",
+                "content": "Checking.",
+                "tool_calls": [weather, {"id": "call_2", "name": "get_time", "args": {}}],
+            },
+            {
+                "id": "t1",
+                "type": "tool",
+                "tool_call_id": "call_1",
+                "name": "get_weather",
+                "content": {"temp": 3},
+                "status": "success",
+            },
+            {
+                "id": "t2",
+                "type": "tool",
+                "tool_call_id": "call_2",
+                "name": "get_time",
+                "content": "raw",
+                "status": "success",
+                "model_content": [{"type": "text", "text": "12:00"}],
+            },
+            {
+                "id": "a2",
+                "type": "ai",
+                "content": "It is 3 degrees at noon.",
+                "tool_calls": [{"id": "call_3", "name": "get_radar", "args": {}}],
+            },
+            {
+                "id": "t3",
+                "type": "tool",
+                "tool_call_id": "call_3",
+                "name": "get_radar",
+                "content": "radar offline",
+                "status": "error",
+            },
+            {
+                "id": "a3",
+                "type": "ai",
+                "content": [{"type": "text", "text": "Shall I map it?"}],
+                "tool_calls": [{"id": "call_4", "name": "get_map", "args": {}}],
             },
         ]
     }
-    chat(client, state, user_says("Thanks!"), system="You are terse.")
+    chat(client, state, user_says("No, thanks!"), system="You are terse.")
     assert fake_openai.requests[0]["messages"] == [
         {"role": "system", "content": "You are terse."},
         {
@@ -900,12 +1002,16 @@ def test_history_maps_to_openai_messages(client: httpx.Client, fake_openai: Fake
         {
             "role": "assistant",
             "content": "It is 3 degrees at noon.",
-            "tool_calls": [
-                {"id": "call_3", "type": "function", "function": {"name": "get_radar", "arguments": "{}"}},
-            ],
+            "tool_calls": [{"id": "call_3", "type": "function", "function": {"name": "get_radar", "arguments": "{}"}}],
         },
         {"role": "tool", "tool_call_id": "call_3", "content": "Error: radar offline"},
-        {"role": "user", "content": [{"type": "text", "text": "Thanks!"}]},
+        {
+            "role": "assistant",
+            "content": "Shall I map it?",
+            "tool_calls": [{"id": "call_4", "type": "function", "function": {"name": "get_map", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "call_4", "content": "The tool was not run."},
+        {"role": "user", "content": [{"type": "text", "text": "No, thanks!"}]},
     ]
 
 
@@ -932,43 +1038,56 @@ def test_no_tools_offered_means_no_tools_field(client: httpx.Client, fake_openai
 def test_tool_call_arguments_stream_in_pieces_and_the_run_stops(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
     fake_openai.script = [calls_tools(("call_w", "get_weather", ['{"loc', 'ation"', ': "Li', 'ma"', "}"]))]
     reply = chat(client, None, user_says("Weather in Lima?"))
-    (call,) = tool_calls(reply.state)
-    assert appended(reply, "argsText") == ['{"loc', 'ation"', ': "Li', 'ma"', "}"]
-    assert call["toolCallId"] == "call_w"
-    assert call["toolName"] == "get_weather"
-    assert call["args"] == {"location": "Lima"}
-    assert "result" not in call
+    (call,) = calls(reply.state)
+    assert appended(reply, "partial_json") == ['{"loc', 'ation"', ': "Li', 'ma"', "}"]
+    assert call == {
+        "id": "call_w",
+        "name": "get_weather",
+        "args": {"location": "Lima"},
+        "partial_json": '{"location": "Lima"}',
+    }
+    assert reply.kinds == ["human", "ai"]
     assert len(fake_openai.requests) == 1, "the frontend runs the tool; the backend must not call the model again"
 
 
 def test_two_tool_calls_in_one_turn(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
     fake_openai.script = [calls_tools(("call_a", "get_weather", ['{"location": "Oslo"}']), ("call_b", "get_time", []))]
     reply = chat(client, None, user_says("Weather and time?"))
-    calls = tool_calls(reply.state)
-    assert [(call["toolCallId"], call["args"]) for call in calls] == [("call_a", {"location": "Oslo"}), ("call_b", {})]
-    assert calls[1]["argsText"] == "{}"
-
-
-def test_tool_result_continues_the_run(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
-    fake_openai.script = [calls_tools(("call_w", "get_weather", ['{"location": "Lima"}'])), says("Sunny", " in Lima.")]
-    asked = chat(client, None, user_says("Weather in Lima?"))
-    answered = chat(client, asked.state, tool_result(asked.state, {"sky": "sunny"}))
-    assert fake_openai.requests[1]["messages"][-2:] == [
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_w",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"location": "Lima"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_w", "content": '{"sky": "sunny"}'},
+    assert [(call["id"], call["args"]) for call in calls(reply.state)] == [
+        ("call_a", {"location": "Oslo"}),
+        ("call_b", {}),
     ]
-    assert len(answered.messages) == 2, "the continuation belongs to the same assistant message"
-    assert answered.messages[1]["parts"][-1] == {"type": "text", "text": "Sunny in Lima."}
+
+
+def test_tool_results_continue_the_run_in_a_new_ai_message(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [
+        calls_tools(("call_a", "get_weather", ['{"location": "Lima"}']), ("call_b", "get_time", [])),
+        says("Sunny", " in Lima at noon."),
+    ]
+    asked = chat(client, None, user_says("Weather and time in Lima?"))
+    half = chat(client, asked.state, tool_result("call_a", {"sky": "sunny"}))
+    assert half.kinds == ["human", "ai", "tool"], "one call still waits for its result: the model must wait too"
+    answered = chat(client, half.state, tool_result("call_b", "12:00"))
+    assert len(fake_openai.requests) == 2
+    assert fake_openai.requests[1]["messages"][-2:] == [
+        {"role": "tool", "tool_call_id": "call_a", "content": '{"sky": "sunny"}'},
+        {"role": "tool", "tool_call_id": "call_b", "content": "12:00"},
+    ]
+    assert answered.kinds == ["human", "ai", "tool", "tool", "ai"]
+    assert answered.messages[-1]["content"] == "Sunny in Lima at noon."
+
+
+def test_model_reads_the_tool_results_model_content(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [calls_tools(("call_c", "render_chart", ["{}"])), says("Done.")]
+    asked = chat(client, None, user_says("Chart it"))
+    content = [{"type": "text", "text": "A bar chart."}]
+    answered = chat(client, asked.state, tool_result("call_c", {"svg": "<svg>…</svg>"}, modelContent=content))
+    assert answered.messages[2]["content"] == {"svg": "<svg>…</svg>"}, "the UI keeps the result itself"
+    assert fake_openai.requests[1]["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": "call_c",
+        "content": "A bar chart.",
+    }
 
 
 def test_call_settings_pass_through(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
@@ -996,8 +1115,7 @@ def test_call_settings_pass_through(client: httpx.Client, fake_openai: FakeOpenA
 
 
 def test_call_settings_out_of_range_are_refused(client: httpx.Client) -> None:
-    body = json.dumps({"commands": [], "callSettings": {"temperature": 9}}).encode()
-    response = request(client, "POST", "/assistant", {}, body)
+    response = client.post("/assistant", json={"commands": [], "callSettings": {"temperature": 9}})
     assert response.status_code == 400
     assert response.json()["details"][0]["loc"] == ["callSettings", "temperature"]
 
@@ -1005,7 +1123,7 @@ def test_call_settings_out_of_range_are_refused(client: httpx.Client) -> None:
 def test_client_sent_api_key_and_base_url_are_ignored(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
     config = {"apiKey": "sk-stranger", "baseUrl": "http://127.0.0.1:9/v1", "modelName": "gpt-evil"}
     reply = chat(client, None, user_says("hi"), config=config, apiKey="sk-stranger", baseUrl="http://127.0.0.1:9/v1")
-    assert texts(reply.messages[1]) == "ok"
+    assert reply.messages[1]["content"] == "ok"
     assert fake_openai.authorizations == ["Bearer sk-server"]
     assert fake_openai.requests[0]["model"] == "gpt-4o-mini"
 
@@ -1013,14 +1131,18 @@ def test_client_sent_api_key_and_base_url_are_ignored(client: httpx.Client, fake
 MODEL_ERRORS = {
     "bad-key": (
         fails(401, "Incorrect API key provided: sk-se***er."),
-        "The model server rejected this server's API key.",
+        "The model server answered 401: Incorrect API key provided: sk-se***er.",
     ),
     "rate-limit": (
         fails(429, "Rate limit reached for requests"),
         "The model server answered 429: Rate limit reached for requests",
     ),
     "server-error": (fails(500, "The server had an error"), "The model server answered 500: The server had an error"),
-    "timeout": (says("late", delay=2), "The model server did not answer in time."),
+    "stalls-mid-stream": (says("late", delay=2), "The model request failed: ReadTimeout while the reply streamed."),
+    "error-mid-stream": (
+        Completion([{"content": "Partial"}], error={"message": "The model crashed", "type": "server_error"}),
+        "The model request failed: The model crashed",
+    ),
 }
 
 
@@ -1039,8 +1161,8 @@ def test_model_errors_become_a_readable_error_frame(
     reply = send(client, {"commands": [user_says("hi")], "state": None}, protocol)
     assert reply.status == 200
     assert reply.errors == [message]
-    assert reply.messages[0]["parts"] == [{"type": "text", "text": "hi"}], "the user's message must survive"
-    assert "Model request failed" in caplog.text
+    assert reply.messages[0]["content"] == [{"type": "text", "text": "hi"}], "the user's message must survive"
+    assert "Run failed" in caplog.text
     assert "sk-server" not in reply.body
 
 
@@ -1050,14 +1172,13 @@ def test_unreachable_model_server_becomes_an_error_frame(
     unreachable = openai.AsyncOpenAI(api_key="sk-server", base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0)
     monkeypatch.setattr(app, "model_client", unreachable)
     reply = send(client, {"commands": [user_says("hi")], "state": None})
-    assert reply.errors == ["Could not reach the model server."]
-    assert texts(reply.messages[0]) == "hi"
+    assert reply.errors == ["The model request failed: Connection error."]
+    assert text(reply.messages[0]) == "hi"
 
 
 def test_disconnect_closes_the_upstream_request_within_a_second(
-    server: Server, client: httpx.Client, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+    server: Server, client: httpx.Client, fake_openai: FakeOpenAI
 ) -> None:
-    caplog.set_level(logging.INFO, logger="assistant_transport")
     fake_openai.script = [says(*["token "] * 200, delay=0.05)]
     baseline = server.task_count()
     with client.stream("POST", "/assistant", json={"commands": [user_says("talk")], "state": None}) as response:
@@ -1066,15 +1187,11 @@ def test_disconnect_closes_the_upstream_request_within_a_second(
                 break
     client.close()
     closed_at = time.monotonic()
-    while fake_openai.disconnected_at is None and time.monotonic() < closed_at + 2:
-        time.sleep(0.01)
-    assert fake_openai.disconnected_at is not None, "the upstream request was never closed"
+    assert wait_until(lambda: fake_openai.disconnected_at is not None, 2), "the upstream request was never closed"
+    assert fake_openai.disconnected_at is not None
     print(f"disconnect to upstream close: {(fake_openai.disconnected_at - closed_at) * 1000:.0f} ms")
     assert fake_openai.disconnected_at - closed_at < 1
-    deadline = time.monotonic() + 1
-    while server.task_count() > baseline and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.task_count() == baseline, "a task outlived the disconnected stream"
+    assert wait_until(lambda: server.task_count() == baseline, 1), "a task outlived the disconnected stream"
 
 
 def test_openai_settings_choose_the_agent(fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
@@ -1092,82 +1209,6 @@ def test_openai_settings_choose_the_agent(fake_openai_server: tuple[FakeOpenAI, 
             "protocol": "data-stream",
         }
         reply = chat(http, None, user_says("hello"))
-    assert texts(reply.messages[1]) == "Hi there"
+    assert reply.messages[1]["content"] == "Hi there"
     assert fake.requests[-1]["model"] == "local-model"
     assert fake.authorizations[-1] == "Bearer sk-env"
-
-
-def test_model_reads_the_tool_results_model_content(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
-    fake_openai.script = [calls_tools(("call_c", "render_chart", ["{}"])), says("Done.")]
-    asked = chat(client, None, user_says("Chart it"))
-    command = {
-        **tool_result(asked.state, {"svg": "<svg>…</svg>"}),
-        "modelContent": [{"type": "text", "text": "A bar chart."}],
-    }
-    chat(client, asked.state, command)
-    assert fake_openai.requests[1]["messages"][-1] == {
-        "role": "tool",
-        "tool_call_id": "call_c",
-        "content": "A bar chart.",
-    }
-
-
-def test_readme_shows_the_runtime_provider_the_browser_check_runs() -> None:
-    provider = (HERE / "e2e" / "page" / "MyRuntimeProvider.tsx").read_text()
-    assert provider in (HERE / "README.md").read_text()
-
-
-def test_signal_receivers_you_connect_still_run(client: httpx.Client) -> None:
-    seen: list[str] = []
-
-    def on_start(**kwargs: object) -> None:
-        seen.append("started")
-
-    def on_finish(**kwargs: object) -> None:
-        seen.append("finished")
-
-    request_started.connect(on_start)
-    request_finished.connect(on_finish)
-    try:
-        chat(client, None, user_says("hi"))
-        deadline = time.monotonic() + 1  # request_finished comes when Django closes the response, after the last byte
-        while len(seen) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        request_started.disconnect(on_start)
-        request_finished.disconnect(on_finish)
-    assert seen == ["started", "finished"]
-
-
-def test_open_streams_do_not_each_hold_a_thread(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    def sync_receiver(**kwargs: object) -> None:
-        """A plain sync receiver, as a project adds: Django runs it in a worker thread."""
-
-    monkeypatch.setattr(app, "MOCK_DELAY", 0.5)
-    request_started.connect(sync_receiver)
-    threads_before = threading.active_count()
-    try:
-        with httpx.Client(base_url=server.url, timeout=10, limits=httpx.Limits(max_connections=200)) as http:
-            body = {"commands": [user_says("a b c")]}
-            streams = [http.stream("POST", "/assistant", json=body) for _ in range(100)]
-            for stream in streams:
-                next(stream.__enter__().iter_raw())
-            assert threading.active_count() - threads_before <= 3
-            for stream in streams:
-                stream.__exit__(None, None, None)
-    finally:
-        request_started.disconnect(sync_receiver)
-
-
-def test_lifespan_is_answered_so_uvicorn_starts_cleanly() -> None:
-    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-    sent: list[Json] = []
-
-    async def receive() -> Json:
-        return messages.pop(0)
-
-    async def send(message: Json) -> None:
-        sent.append(message)
-
-    asyncio.run(app.application({"type": "lifespan"}, receive, send))
-    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]

@@ -1,12 +1,17 @@
-"""The FastAPI twin of app.py, for the benchmark: the same request model, run and encoder.
+"""The FastAPI twin of app.py, for the benchmark: the same request model, thread, agent, writer and encoder.
 
 Only the framework differs: FastAPI parses and validates the body, Starlette's middleware does
-CORS and the Host check, and Starlette's StreamingResponse sends the stream.
+CORS and the Host check, and Starlette's StreamingResponse sends the stream. The run below is
+app.py's view, step for step, built from the functions app.py defines.
 """
 
+from typing import Any
+
+from assistant_stream import RunController, create_run
+from assistant_stream.serialization.heartbeat import add_keepalive
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import app
@@ -20,13 +25,27 @@ twin.add_middleware(
 
 @twin.post("/assistant")
 async def assistant(body: app.AssistantRequest) -> StreamingResponse:
-    """The same encoded run as app.py's view, streamed by Starlette."""
-    state = body.state.model_dump(exclude_unset=True) if body.state is not None else None
-    media_type = f"{app.ENCODER.get_media_type()}; charset=utf-8"
-    return StreamingResponse(app.encoded_reply(body, state), media_type=media_type, headers=app.STREAM_HEADERS)
+    """Apply the commands, run the agent, and stream the state changes, as app.py's view does."""
+    state: dict[str, Any] | None = body.state.model_dump(exclude_unset=True) if body.state is not None else None
+    sent = state.get("messages", []) if state else []
+    thread = app.apply_commands(sent, body.commands)
+
+    async def run(controller: RunController) -> None:
+        if controller.state is None:
+            controller.state = {"messages": thread}
+        else:
+            controller.state["messages"].extend(thread[len(sent) :])
+        if app.reply_awaited(thread):
+            await app.write_reply(controller, app.run_agent(thread, body))
+
+    stream = app.ENCODER.encode_stream(create_run(run, state=state))
+    if app.HEARTBEAT_SECONDS:
+        stream = add_keepalive(stream, app.HEARTBEAT_SECONDS, app.ENCODER.get_keepalive_token())
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream, media_type=f"{app.ENCODER.get_media_type()}; charset=utf-8", headers=headers)
 
 
 @twin.get("/health")
-async def health() -> Response:
-    """The same bytes as app.py's health view, encoded once there too."""
-    return Response(app.HEALTH, media_type="application/json")
+async def health() -> JSONResponse:
+    """The same body as app.py's health view, encoded per request as Django does."""
+    return JSONResponse(app.HEALTH)

@@ -38,23 +38,23 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
     test("a plain reply", async () => {
       const { state, error } = await converse(null, [userSays("hello there")]);
       assert.equal(error, undefined);
-      assert.deepEqual(state.messages.map((message) => message.role), ["user", "assistant"]);
+      assert.deepEqual(state.messages.map((message) => message.type), ["human", "ai"]);
       assert.equal(textOf(state.messages[1]), 'You said: "hello there".');
     });
 
     test("the weather tool round trip", async () => {
-      const asked = await converse(null, [userSays("What is the weather in Oslo?")]);
-      const call = asked.state.messages[1].parts.at(-1);
-      assert.equal(call.type, "tool-call");
-      assert.deepEqual(call.args, { location: "Oslo" });
-      assert.deepEqual(JSON.parse(call.argsText), call.args);
-      const result = { type: "add-tool-result", toolCallId: call.toolCallId, toolName: call.toolName,
-        result: { temperature: "3°C" }, isError: false };
+      const asked = await converse(null, [userSays("What's the weather like in San Francisco today?")]);
+      const [call] = asked.state.messages[1].tool_calls;
+      assert.equal(call.name, "get_weather");
+      assert.deepEqual(call.args, { location: "San Francisco" });
+      assert.deepEqual(JSON.parse(call.partial_json), call.args);
+      const result = { type: "add-tool-result", toolCallId: call.id, toolName: call.name,
+        result: { temperature: 21, unit: "celsius" }, isError: false };
       const answered = await converse(asked.state, [result]);
-      const parts = answered.state.messages[1].parts;
-      assert.deepEqual(parts.at(-2).result, { temperature: "3°C" });
-      assert.equal(parts.at(-1).text, 'Here is the weather in Oslo: {"temperature": "3°C"}');
-      assert.equal(parts.filter((part) => part.type === "tool-call").length, 1);
+      const [, , tool, closing] = answered.state.messages;
+      assert.deepEqual(tool, { ...tool, type: "tool", tool_call_id: call.id, content: { temperature: 21, unit: "celsius" } });
+      assert.equal(closing.content, 'get_weather answered: {"temperature": 21, "unit": "celsius"}');
+      assert.equal(answered.state.messages.length, 4, "the tool was called again");
     });
 
     test("an edit branches the thread", async () => {
@@ -89,7 +89,7 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       const withModel = await startApp({ STREAM_PROTOCOL: protocol, OPENAI_API_KEY: "sk-test", OPENAI_BASE_URL: model.url });
       try {
         const { state, error } = await converse(null, [userSays("hi")], withModel);
-        assert.equal(error, "The model failed: The model crashed");
+        assert.equal(error, "The model request failed: The model crashed");
         assert.equal(textOf(state.messages[0]), "hi");
         assert.equal(textOf(state.messages[1]), "Partial");
       } finally {

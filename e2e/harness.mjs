@@ -104,5 +104,8 @@ export const userSays = (text, extra = {}) => ({
   ...extra,
 });
 
+/** The text of a LangChain message's content: a string, or its text blocks. */
 export const textOf = (message) =>
-  message.parts.filter((part) => part.type === "text").map((part) => part.text).join("");
+  typeof message.content === "string"
+    ? message.content
+    : message.content.filter((block) => block.type === "text").map((block) => block.text).join("");

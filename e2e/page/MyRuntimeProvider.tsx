@@ -1,34 +1,29 @@
 import {
   AssistantRuntimeProvider,
+  AuiConfig,
+  Tools,
   unstable_createMessageConverter,
   useAssistantTransportRuntime,
   type AssistantTransportConnectionMetadata,
   type AssistantTransportProtocol,
-  type ThreadMessageLike,
 } from "@assistant-ui/react";
+import { convertLangChainMessages, type LangChainMessage } from "@assistant-ui/react-langgraph";
 import type { ReactNode } from "react";
+import toolkit from "./toolkit";
 
-// The backend's state: messages whose parts already use ThreadMessageLike's field names.
-type Message = { id: string; role: "user" | "assistant" | "system"; parts: ThreadMessageLike["content"] };
-type State = { messages: Message[] };
+// The backend's state: LangChain-style messages, as assistant-ui's own example keeps them.
+type State = { messages: LangChainMessage[] };
 
-const messages = unstable_createMessageConverter((message: Message) => ({
-  id: message.id,
-  role: message.role,
-  content: message.parts,
-}));
+const messages = unstable_createMessageConverter(convertLangChainMessages);
 
 const converter = (state: State, { pendingCommands, isSending }: AssistantTransportConnectionMetadata) => {
   // Show the user's message at once, before the backend sends it back in the state.
-  const pending = pendingCommands.flatMap((command, index): Message[] =>
+  const pending = pendingCommands.flatMap((command): LangChainMessage[] =>
     command.type === "add-message"
-      ? [{ id: `pending-${index}`, role: "user", parts: [...command.message.parts] }]
+      ? [{ type: "human", content: command.message.parts.map((part) => (part.type === "text" ? part.text : "")).join("\n") }]
       : [],
   );
-  return {
-    messages: messages.toThreadMessages([...state.messages, ...pending], isSending),
-    isRunning: isSending,
-  };
+  return { messages: messages.toThreadMessages([...state.messages, ...pending]), isRunning: isSending };
 };
 
 export function MyRuntimeProvider({
@@ -47,8 +42,15 @@ export function MyRuntimeProvider({
     protocol,
     initialState: { messages: [] },
     converter,
-    headers: {},
+    // Your own headers and body fields reach the backend too; it ignores what it does not read.
+    headers: async () => ({ "X-Client": "my-app" }),
+    body: { clientVersion: "1.0" },
     onError,
   });
-  return <AssistantRuntimeProvider runtime={runtime}>{children}</AssistantRuntimeProvider>;
+  const config = AuiConfig({ tools: Tools({ toolkit }) });
+  return (
+    <AssistantRuntimeProvider config={config} runtime={runtime}>
+      {children}
+    </AssistantRuntimeProvider>
+  );
 }
