@@ -22,7 +22,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import uvicorn
 from asgiref.sync import ThreadSensitiveContext
@@ -41,7 +41,7 @@ from django.urls import path, re_path
 from django.utils.cache import patch_vary_headers
 from django.utils.decorators import async_only_middleware
 from dotenv import load_dotenv
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError
 
 try:
     import openai
@@ -50,71 +50,54 @@ except ImportError:  # the optional "openai" extra: only the OpenAI agent needs 
 
 __version__ = "0.2.0"
 
-# --- Configuration: read once from the environment (and .env) --------------------------
+# --- Settings: from the environment (and .env), checked once, then handed to Django ---------
 
 load_dotenv()
-T = TypeVar("T")
+CommaList = Annotated[list[str], BeforeValidator(lambda raw: [item.strip() for item in raw.split(",") if item.strip()])]
 
 
-def setting(
-    name: str, default: T, parse: Callable[[str], T], valid: Callable[[T], bool] = lambda _: True, expected: str = ""
-) -> T:
-    """One setting from the environment; a bad value stops start-up with one clear line."""
-    raw = os.environ.get(name, "").strip()
-    try:
-        if valid(value := parse(raw) if raw else default):
-            return value
-    except (ValueError, KeyError):
-        pass
-    raise SystemExit(f"Invalid setting {name}={raw!r}: expected {expected}.")
+class Environment(BaseModel):
+    """Every setting .env.example documents, with its default."""
+
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8002, gt=0, lt=65536)
+    DEBUG: bool = False
+    SECRET_KEY: str = Field(default_factory=lambda: secrets.token_urlsafe(40))  # nothing is signed yet
+    ALLOWED_HOSTS: CommaList = ["localhost", "127.0.0.1", "[::1]"]
+    CORS_ORIGINS: CommaList = ["http://localhost:3000"]
+    LOG_LEVEL: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(str.upper)] = "INFO"
+    MOCK_DELAY: float = Field(0.05, ge=0, le=60)
+    # data-stream lines (the client's default), or SSE for a frontend made with protocol: "assistant-transport"
+    STREAM_PROTOCOL: Literal["data-stream", "assistant-transport"] = "data-stream"
+    HEARTBEAT_SECONDS: float = Field(15, ge=0, le=3600)
+    OPENAI_API_KEY: str = ""
+    OPENAI_MODEL: str = "gpt-4o-mini"
+    OPENAI_BASE_URL: str = ""
+    MAX_REQUEST_BYTES: int = Field(10 * 1024 * 1024, gt=0)
 
 
-BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# The wire formats: data-stream lines (the client's default), or SSE for a frontend created
-# with `protocol: "assistant-transport"`. Encoders keep no state, so one serves every request.
-PROTOCOLS = {"data-stream": DataStreamEncoder(), "assistant-transport": AssistantTransportEncoder()}
-
-
-def comma_list(raw: str) -> list[str]:
-    """Parse a comma-separated list, ignoring blanks."""
-    return [item.strip() for item in raw.split(",") if item.strip()]
-
-
-HOST = setting("HOST", "127.0.0.1", str)
-PORT = setting("PORT", 8002, int, lambda port: 0 < port < 65536, "a port number, 1-65535")
-DEBUG = setting("DEBUG", False, lambda raw: BOOLEANS[raw.lower()], expected="true or false")
-SECRET_KEY = setting("SECRET_KEY", secrets.token_urlsafe(40), str)
-ALLOWED_HOSTS = setting("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"], comma_list)
-CORS_ORIGINS = setting("CORS_ORIGINS", ["http://localhost:3000"], comma_list)
-LOG_LEVEL = setting("LOG_LEVEL", "INFO", str.upper, lambda level: level in LOG_LEVELS, " or ".join(LOG_LEVELS))
-MOCK_DELAY = setting("MOCK_DELAY", 0.05, float, lambda delay: 0 <= delay <= 60, "seconds, 0-60")
-STREAM_PROTOCOL = setting(
-    "STREAM_PROTOCOL", "data-stream", str, lambda name: name in PROTOCOLS, "data-stream or assistant-transport"
-)
-HEARTBEAT_SECONDS = setting("HEARTBEAT_SECONDS", 15.0, float, lambda s: 0 <= s <= 3600, "seconds, 0 disables")
-OPENAI_API_KEY = setting("OPENAI_API_KEY", "", str)
-OPENAI_MODEL = setting("OPENAI_MODEL", "gpt-4o-mini", str)
-OPENAI_BASE_URL = setting("OPENAI_BASE_URL", "", str)
-MAX_REQUEST_BYTES = setting("MAX_REQUEST_BYTES", 10 * 1024 * 1024, int, lambda size: size > 0, "a byte count")
-
-ENCODER = PROTOCOLS[STREAM_PROTOCOL]
-if OPENAI_API_KEY and openai is None:
+raw = {name: os.environ[name].strip() for name in Environment.model_fields if os.environ.get(name, "").strip()}
+try:
+    env = Environment.model_validate(raw)
+except ValidationError as error:  # one clear line, not a traceback
+    name, message = error.errors()[0]["loc"][0], error.errors()[0]["msg"]
+    raise SystemExit(f"Invalid setting {name}={raw[str(name)]!r}: {message}.") from None
+if env.OPENAI_API_KEY and openai is None:
     raise SystemExit("OPENAI_API_KEY is set, but the openai package is not installed: pip install openai")
 
-logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.basicConfig(level=env.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logger = logging.getLogger("assistant_transport")
 
 settings.configure(
-    DEBUG=DEBUG,
-    SECRET_KEY=SECRET_KEY,  # nothing is signed yet; set one before you add sessions
-    ALLOWED_HOSTS=ALLOWED_HOSTS,
+    **env.model_dump(),  # the code below reads them as Django settings: settings.MOCK_DELAY, ...
     ROOT_URLCONF=__name__,
     # No built-in middleware: each is sync-first and would move every request to a thread.
     MIDDLEWARE=[f"{__name__}.cors_middleware"],
-    DATA_UPLOAD_MAX_MEMORY_SIZE=MAX_REQUEST_BYTES,
+    DATA_UPLOAD_MAX_MEMORY_SIZE=env.MAX_REQUEST_BYTES,
     LOGGING_CONFIG=None,  # logging is configured above, once
 )
+# The wire format's encoder. Encoders keep no state, so one serves every request.
+ENCODER = AssistantTransportEncoder() if env.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
 
 # --- Request models: what useAssistantTransportRuntime sends ---------------------------
 
@@ -245,7 +228,7 @@ def json_error(status: int, message: str, details: object = None) -> JsonRespons
 
 # --- CORS, and the Host check no built-in middleware does for us -----------------------
 
-ANY_ORIGIN = "*" in CORS_ORIGINS
+ANY_ORIGIN = "*" in settings.CORS_ORIGINS
 View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 CORS_METHODS = ("GET", "POST", "OPTIONS")
 
@@ -256,7 +239,7 @@ def cors_middleware(get_response: View) -> View:
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
         origin = request.META.get("HTTP_ORIGIN")  # request.headers would build a dict of every header
-        origin_allowed = origin is not None and (ANY_ORIGIN or origin in CORS_ORIGINS)
+        origin_allowed = origin is not None and (ANY_ORIGIN or origin in settings.CORS_ORIGINS)
         preflight_method = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")
         response: HttpResponseBase
         try:
@@ -293,11 +276,6 @@ Message = dict[str, Any]  # a LangChain-style message, as JSON
 Chunk = dict[str, Any]  # one chat.completion.chunk of a model's stream, as JSON
 
 
-def new_id() -> str:
-    """A unique id for a message or tool call the backend adds."""
-    return uuid.uuid4().hex
-
-
 class UnknownToolCallError(LookupError):
     """An add-tool-result names a tool call that no ai message in the thread holds."""
 
@@ -313,9 +291,7 @@ def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResul
             # with the first one's id, so that parent ends where that run of messages ends.
             if command.parentId is not None and command.parentId in ids:
                 end = ids.index(command.parentId) + 1
-                while (
-                    thread[end - 1]["type"] != "human" and end < len(thread) and thread[end]["type"] in ("ai", "tool")
-                ):
+                while end < len(thread) and {thread[end - 1]["type"], thread[end]["type"]} <= {"ai", "tool"}:
                     end += 1
                 del thread[end:]
             elif command.sourceId is not None and command.sourceId in ids:  # the first message, edited
@@ -326,31 +302,22 @@ def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResul
                 else {"type": "image_url", "image_url": {"url": part.image}}
                 for part in command.message.parts
             ]
-            thread.append({"id": new_id(), "type": "human", "content": content})
+            thread.append({"id": uuid.uuid4().hex, "type": "human", "content": content})
         elif isinstance(command, AddToolResult):
-            calls = {
-                call["id"]: call
-                for message in thread
-                if message["type"] == "ai"
-                for call in message.get("tool_calls", [])
-            }
+            calls = {call["id"]: call for message in thread for call in message.get("tool_calls", [])}
             if command.toolCallId not in calls:
                 raise UnknownToolCallError(command.toolCallId)
-            result = {
-                "id": new_id(),
-                "type": "tool",
-                "tool_call_id": command.toolCallId,
-                "name": calls[command.toolCallId]["name"],
-                "content": command.result,  # as sent, so the frontend's tool UI reads back its own result
-                "status": "error" if command.isError else "success",
-                **({"artifact": command.artifact} if command.artifact is not None else {}),
-                **({"model_content": command.modelContent} if command.modelContent is not None else {}),
-            }
+            message: Message = {"id": uuid.uuid4().hex, "type": "tool", "tool_call_id": command.toolCallId}
+            # The result as sent, so the frontend's tool UI reads back exactly what its tool returned.
+            message |= {"name": calls[command.toolCallId]["name"], "content": command.result}
+            message["status"] = "error" if command.isError else "success"
+            extras = {"artifact": command.artifact, "model_content": command.modelContent}
+            message |= {key: value for key, value in extras.items() if value is not None}
             earlier = [i for i, message in enumerate(thread) if message.get("tool_call_id") == command.toolCallId]
             if earlier:  # a retried request: the result replaces the first instead of repeating it
-                thread[earlier[0]] = result
+                thread[earlier[0]] = message
             else:
-                thread.append(result)
+                thread.append(message)
     return thread
 
 
@@ -368,13 +335,11 @@ def reply_awaited(thread: list[Message]) -> bool:
 
 
 async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk]) -> None:
-    """Write a model's streamed chunks into a new ai message, piece by piece as they arrive.
-
-    Every string starts empty and grows by append-text, the only way the client's strict decoder
-    lets a string grow; a call's args are set once its partial_json is complete.
-    """
+    """Write a model's streamed chunks into a new ai message, piece by piece as they arrive."""
+    # Every string starts empty and grows by append-text, the only way the client's strict decoder
+    # lets a string grow; a call's args are set once its partial_json is complete.
     messages = controller.state["messages"]
-    messages.append({"id": new_id(), "type": "ai", "content": "", "tool_calls": []})
+    messages.append({"id": uuid.uuid4().hex, "type": "ai", "content": "", "tool_calls": []})
     at = len(messages) - 1
     calls: dict[int, int] = {}  # the model's index of each call -> its place in tool_calls
     async for chunk in chunks:
@@ -385,10 +350,8 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk]) -
             function = piece.get("function") or {}
             if (index := piece.get("index", 0)) not in calls:  # a call's first piece carries its id and name
                 calls[index] = len(calls)
-                call_id = piece.get("id") or f"call_{new_id()}"
-                messages[at]["tool_calls"].append(
-                    {"id": call_id, "name": function.get("name", ""), "args": {}, "partial_json": ""}
-                )
+                call = {"id": piece.get("id") or f"call_{uuid.uuid4().hex}", "name": function.get("name", "")}
+                messages[at]["tool_calls"].append({**call, "args": {}, "partial_json": ""})
             if function.get("arguments"):
                 path = ["messages", at, "tool_calls", calls[index], "partial_json"]
                 controller.append_state_text(path, function["arguments"])
@@ -415,7 +378,8 @@ def enabled_tools(request: AssistantRequest) -> dict[str, ToolDefinition]:
     return {name: tool for name, tool in (request.tools or {}).items() if not tool.disabled}
 
 
-# --- The agents: a scripted mock, or an OpenAI model; both stream the same chunks ---------
+# --- The agents: a scripted mock, or an OpenAI model. Both stream chat.completion.chunk dicts, ---
+# --- so one writer (write_reply) puts either into the state. ------------------------------------
 
 WEATHER_QUESTION = re.compile(r"\bweather\b", re.IGNORECASE)
 # A place is the capitalised words after "in", "for" or "at": "in San Francisco today?".
@@ -429,10 +393,7 @@ def shorten(text: str) -> str:
 
 
 async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
-    """A scripted model: echo the user, call get_weather when asked about the weather, use its result.
-
-    It streams the chunks a chat-completions model sends, so the reply goes through the same writer.
-    """
+    """A scripted model: echo the user, call get_weather when asked about the weather, use its result."""
     last = thread[-1]
     deltas: list[dict[str, Any]] = []
     if last["type"] == "tool":
@@ -445,18 +406,20 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
         if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in enabled_tools(request)):
             place = match.group(1) if (match := PLACE.search(said)) else "San Francisco"
             reply += f" Let me check the weather in {place}."
-            call = {"index": 0, "id": f"call_{new_id()}", "type": "function"}
+            call = {"index": 0, "id": f"call_{uuid.uuid4().hex}", "type": "function"}
             deltas.append({"tool_calls": [{**call, "function": {"name": "get_weather", "arguments": ""}}]})
             arguments = re.findall(r"\s*\S+", json.dumps({"location": place}))
             deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in arguments]
     deltas[:0] = [{"content": word} for word in re.findall(r"\s*\S+", reply)]
     for delta in deltas:
-        await asyncio.sleep(MOCK_DELAY)
+        await asyncio.sleep(settings.MOCK_DELAY)
         yield {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
 
 
 # One client for the process: it keeps its connections to the model server open between runs.
-model_client = openai.AsyncOpenAI(api_key=OPENAI_API_KEY, base_url=OPENAI_BASE_URL or None) if OPENAI_API_KEY else None
+model_client: "openai.AsyncOpenAI | None" = None
+if settings.OPENAI_API_KEY:
+    model_client = openai.AsyncOpenAI(api_key=settings.OPENAI_API_KEY, base_url=settings.OPENAI_BASE_URL or None)
 
 
 def model_messages(thread: list[Message], system: str | None) -> list[Any]:
@@ -480,13 +443,9 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
             unanswered = [call["id"] for call in calls if call["id"] not in answered]
             result += [{"role": "tool", "tool_call_id": id_, "content": "The tool was not run."} for id_ in unanswered]
         elif message["type"] == "tool":
-            # The model reads the text of modelContent when the frontend sent one, else the result itself.
-            content = message.get("model_content")
-            text = (
-                text_of(content)
-                if isinstance(content, list)
-                else as_text(message["content"] if content is None else content)
-            )
+            # The model reads modelContent (text, or parts with text) when the frontend sent it, else the result.
+            content = message.get("model_content", message["content"])
+            text = text_of(content) if "model_content" in message and isinstance(content, list) else as_text(content)
             text = f"Error: {text}" if message.get("status") == "error" else text
             result.append({"role": "tool", "tool_call_id": message.get("tool_call_id"), "content": text})
     return result
@@ -505,7 +464,7 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
     # CPU per token (70 µs a chunk, against 2.6 µs for json.loads). The client still brings auth,
     # retries, timeouts and typed errors, and leaving the block closes the upstream request.
     async with model_client.chat.completions.with_streaming_response.create(
-        model=OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
+        model=settings.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
     ) as response:
         try:
             async for line in response.iter_lines():
@@ -559,7 +518,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         sent: list[Message] = state.get("messages", []) if state else []
         thread = apply_commands(sent, body.commands)
     except RequestDataTooBig:
-        return json_error(413, f"Body larger than MAX_REQUEST_BYTES ({MAX_REQUEST_BYTES} bytes)")
+        return json_error(413, f"Body larger than MAX_REQUEST_BYTES ({settings.MAX_REQUEST_BYTES} bytes)")
     except ValidationError as error:
         problems = error.errors(include_url=False, include_context=False, include_input=False)
         if problems[0]["type"] == "json_invalid":
@@ -589,8 +548,8 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
             controller.add_error(describe(error))
 
     stream = ENCODER.encode_stream(create_run(run, state=state))
-    if HEARTBEAT_SECONDS:
-        stream = add_keepalive(stream, HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
+    if settings.HEARTBEAT_SECONDS:
+        stream = add_keepalive(stream, settings.HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
     # Tell every proxy on the way not to cache or buffer the stream (nginx reads X-Accel-Buffering).
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     # charset= as well as the header spares Django re-parsing the content type for every chunk.
@@ -603,8 +562,8 @@ HEALTH = {
     "service": "assistant-transport-backend-django",
     "version": __version__,
     "agent": "openai" if model_client else "mock",
-    "model": OPENAI_MODEL if model_client else None,
-    "protocol": STREAM_PROTOCOL,
+    "model": settings.OPENAI_MODEL if model_client else None,
+    "protocol": settings.STREAM_PROTOCOL,
 }
 
 
@@ -665,7 +624,7 @@ gc.freeze()
 def main() -> None:
     """Serve with uvicorn, or run the Django management command given on the command line."""
     if len(sys.argv) == 1:
-        uvicorn.run(application, host=HOST, port=PORT, log_level=LOG_LEVEL.lower())
+        uvicorn.run(application, host=settings.HOST, port=settings.PORT, log_level=settings.LOG_LEVEL.lower())
     elif sys.argv[1] == "runserver":
         sys.exit("runserver is Django's WSGI server and holds streamed replies back; run `python app.py`.")
     else:

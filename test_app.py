@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
 from django.conf import settings
 from django.core.signals import request_finished, request_started
 
@@ -104,13 +105,14 @@ def client(server: Server) -> Iterator[httpx.Client]:
 @pytest.fixture(autouse=True)
 def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts from the shipped defaults, with a mock that does not wait."""
-    monkeypatch.setattr(app, "MOCK_DELAY", 0)
-    monkeypatch.setattr(app, "HEARTBEAT_SECONDS", 0)
+    monkeypatch.setattr(settings, "MOCK_DELAY", 0)
+    monkeypatch.setattr(settings, "HEARTBEAT_SECONDS", 0)
 
 
 @pytest.fixture(params=PROTOCOLS)
 def protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(app, "ENCODER", app.PROTOCOLS[request.param])
+    encoder = AssistantTransportEncoder() if request.param == "assistant-transport" else DataStreamEncoder()
+    monkeypatch.setattr(app, "ENCODER", encoder)
     return str(request.param)
 
 
@@ -282,7 +284,7 @@ def test_new_thread_gets_a_human_message_and_an_ai_reply(client: httpx.Client, s
 
 
 def test_reply_grows_by_append_text_in_pieces_over_time(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app, "MOCK_DELAY", 0.05)
+    monkeypatch.setattr(settings, "MOCK_DELAY", 0.05)
     reply = chat(client, None, user_says("one two three four five six"))
     assert appended(reply, "content") == ["You", " said:", ' "one', " two", " three", " four", " five", ' six".']
     text_chunks = [at for at, chunk in reply.chunks if b"append-text" in chunk]
@@ -483,8 +485,8 @@ def test_stream_headers_tell_proxies_not_to_buffer(client: httpx.Client, protoco
 def test_keepalives_flow_while_the_run_is_idle(
     client: httpx.Client, protocol: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app, "MOCK_DELAY", 0.3)
-    monkeypatch.setattr(app, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(settings, "MOCK_DELAY", 0.3)
+    monkeypatch.setattr(settings, "HEARTBEAT_SECONDS", 0.05)
     reply = chat(client, None, user_says("slow"), protocol=protocol)
     assert reply.keepalives >= 4
     assert text(reply.messages[1]) == 'You said: "slow".'
@@ -511,7 +513,7 @@ def test_error_mid_run_reaches_the_client_and_keeps_the_conversation(
 def test_client_disconnect_stops_the_run(
     server: Server, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(app, "MOCK_DELAY", 0.05)
+    monkeypatch.setattr(settings, "MOCK_DELAY", 0.05)
     caplog.set_level(logging.INFO, logger="assistant_transport")
     baseline = server.task_count()
     with client.stream("POST", "/assistant", json={"commands": [user_says("word " * 200)]}) as response:
@@ -525,7 +527,7 @@ def test_open_streams_do_not_each_hold_a_thread(server: Server, monkeypatch: pyt
     def sync_receiver(**kwargs: object) -> None:
         """A plain sync receiver, as a project adds: Django runs it in a worker thread."""
 
-    monkeypatch.setattr(app, "MOCK_DELAY", 0.5)
+    monkeypatch.setattr(settings, "MOCK_DELAY", 0.5)
     request_started.connect(sync_receiver)
     threads_before = threading.active_count()
     try:
@@ -655,11 +657,11 @@ def test_a_tool_result_for_a_call_an_earlier_edit_removed_is_refused(client: htt
 
 
 def test_body_over_the_size_limit_is_refused_with_413(client: httpx.Client) -> None:
-    padding = "x" * (app.MAX_REQUEST_BYTES + 1)
+    padding = "x" * (settings.MAX_REQUEST_BYTES + 1)
     body = json.dumps({"commands": [], "padding": padding}).encode()
     response = client.post("/assistant", content=body, headers={"Content-Type": "application/json", "Origin": FRONTEND})
     assert response.status_code == 413
-    assert str(app.MAX_REQUEST_BYTES) in response.json()["error"]
+    assert str(settings.MAX_REQUEST_BYTES) in response.json()["error"]
     assert response.headers["access-control-allow-origin"] == FRONTEND
 
 
@@ -772,10 +774,18 @@ def test_the_documented_commands_serve_streams(command: list[str]) -> None:
         assert text(reply.messages[1]) == 'You said: "hello".'
 
 
-def test_bad_setting_stops_startup_with_one_clear_line() -> None:
-    result = run_app("app.py", "check", PORT="abc")
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("PORT", "abc", "Input should be a valid integer, unable to parse string as an integer"),
+        ("DEBUG", "maybe", "Input should be a valid boolean, unable to interpret input"),
+        ("STREAM_PROTOCOL", "sse", "Input should be 'data-stream' or 'assistant-transport'"),
+    ],
+)
+def test_bad_setting_stops_startup_with_one_clear_line(name: str, value: str, reason: str) -> None:
+    result = run_app("app.py", "check", **{name: value})
     assert result.returncode != 0
-    assert result.stderr.strip() == "Invalid setting PORT='abc': expected a port number, 1-65535."
+    assert result.stderr.strip() == f"Invalid setting {name}={value!r}: {reason}."
 
 
 def test_app_py_doubles_as_manage_py() -> None:

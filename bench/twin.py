@@ -17,9 +17,13 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 import app
 
 twin = FastAPI()
-twin.add_middleware(TrustedHostMiddleware, allowed_hosts=app.ALLOWED_HOSTS)
+twin.add_middleware(TrustedHostMiddleware, allowed_hosts=app.settings.ALLOWED_HOSTS)
 twin.add_middleware(
-    CORSMiddleware, allow_origins=app.CORS_ORIGINS, allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
+    CORSMiddleware,
+    allow_origins=app.settings.CORS_ORIGINS,
+    allow_credentials=True,
+    allow_methods=["*"],
+    allow_headers=["*"],
 )
 
 
@@ -39,8 +43,8 @@ async def assistant(body: app.AssistantRequest) -> StreamingResponse:
             await app.write_reply(controller, app.run_agent(thread, body))
 
     stream = app.ENCODER.encode_stream(create_run(run, state=state))
-    if app.HEARTBEAT_SECONDS:
-        stream = add_keepalive(stream, app.HEARTBEAT_SECONDS, app.ENCODER.get_keepalive_token())
+    if app.settings.HEARTBEAT_SECONDS:
+        stream = add_keepalive(stream, app.settings.HEARTBEAT_SECONDS, app.ENCODER.get_keepalive_token())
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream, media_type=f"{app.ENCODER.get_media_type()}; charset=utf-8", headers=headers)
 
