@@ -6,11 +6,12 @@ commands, runs an agent, and streams every change to the state back as it happen
 
 Usage:
     python app.py                # serve with uvicorn on HOST:PORT (default 127.0.0.1:8002)
-    uvicorn app:application      # the same, with uvicorn's own options (--workers, ...)
-    python app.py check          # any other Django management command; not runserver, which is
-                                 # WSGI and would hold a streamed reply back until it ends
+    python app.py runserver      # the same, reloading when app.py changes; [addr:]port, --noreload
+    uvicorn app:application      # the same app, with uvicorn's own options (--workers, ...)
+    python app.py check          # any other Django management command
 """
 
+import argparse
 import asyncio
 import gc
 import json
@@ -22,6 +23,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import uvicorn
@@ -33,6 +35,7 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.core.management import execute_from_command_line
+from django.core.management.commands.runserver import naiveip_re
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections, reset_queries
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
@@ -622,13 +625,28 @@ gc.freeze()
 
 
 def main() -> None:
-    """Serve with uvicorn, or run the Django management command given on the command line."""
-    if len(sys.argv) == 1:
-        uvicorn.run(application, host=settings.HOST, port=settings.PORT, log_level=settings.LOG_LEVEL.lower())
-    elif sys.argv[1] == "runserver":
-        sys.exit("runserver is Django's WSGI server and holds streamed replies back; run `python app.py`.")
-    else:
+    """Serve with uvicorn (`runserver` too, with reload), or run any other Django management command."""
+    command = sys.argv[1:2]
+    if command not in ([], ["runserver"]):
         execute_from_command_line(sys.argv)
+        return
+    # Django's runserver is a WSGI server and would hold a stream back until it ends. As Daphne does,
+    # runserver here serves this ASGI app instead, and reloads it when this file changes.
+    parser = argparse.ArgumentParser(prog=f"{sys.argv[0]} runserver")
+    parser.add_argument("addrport", nargs="?", default=str(settings.PORT), help="port, or address:port")
+    parser.add_argument("--noreload", action="store_true")
+    options = parser.parse_args(sys.argv[2:])
+    if not (address := naiveip_re.match(options.addrport)):
+        parser.error(f"{options.addrport!r} is not a port or an address:port")
+    host, port = (address["addr"] or settings.HOST).strip("[]"), address["port"]
+    if command == ["runserver"] and not options.noreload:
+        # uvicorn's reloader serves the app from a child process that imports this file by name, so it
+        # starts from uvicorn's own command line: that way nothing imports this file twice.
+        here = Path(__file__).resolve()
+        uvicorn_command = ["-m", "uvicorn", f"{here.stem}:application", "--app-dir", str(here.parent), "--reload"]
+        where = ["--reload-dir", str(here.parent), "--host", host, "--port", port]
+        os.execv(sys.executable, [sys.executable, *uvicorn_command, *where, "--log-level", settings.LOG_LEVEL.lower()])
+    uvicorn.run(application, host=host, port=int(port), log_level=settings.LOG_LEVEL.lower())
 
 
 if __name__ == "__main__":

@@ -737,41 +737,80 @@ def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def app_process(command: list[str], **env: str) -> Iterator[httpx.Client]:
-    """Start the app as a user would, and wait until it answers."""
+def app_process(command: list[str], host: str = "127.0.0.1", **env: str) -> Iterator[httpx.Client]:
+    """Start the app as a user would ("{port}" in the command is a free port), and wait until it answers."""
     port = free_port()
-    extra = ["--port", str(port)] if "uvicorn" in command else []
     process = subprocess.Popen(
-        [sys.executable, *command, *extra],
+        [sys.executable, *(part.format(port=port) for part in command)],
         cwd=HERE,
         env={**os.environ, "PORT": str(port), **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    http.get("/health")
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, "the server did not start"
-                    time.sleep(0.1)
+        with httpx.Client(base_url=f"http://{host}:{port}", timeout=10) as http:
+            assert wait_until(lambda: answers(http), 20), "the server did not start"
             yield http
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
-@pytest.mark.parametrize(
-    "command", [["app.py"], ["-m", "uvicorn", "app:application", "--lifespan", "on"]], ids=["python-app", "uvicorn"]
-)
+def answers(http: httpx.Client) -> bool:
+    try:
+        return http.get("/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+DOCUMENTED_COMMANDS = {
+    "python-app": ["app.py"],
+    "uvicorn": ["-m", "uvicorn", "app:application", "--port", "{port}", "--lifespan", "on"],
+    "runserver": ["app.py", "runserver"],
+    "runserver-port": ["app.py", "runserver", "{port}", "--noreload"],
+    "runserver-all-addresses": ["app.py", "runserver", "0.0.0.0:{port}", "--noreload"],
+}
+
+
+@pytest.mark.parametrize("command", DOCUMENTED_COMMANDS.values(), ids=DOCUMENTED_COMMANDS.keys())
 def test_the_documented_commands_serve_streams(command: list[str]) -> None:
     with app_process(command) as http:
         assert http.get("/health").json()["agent"] == "mock"
         reply = chat(http, None, user_says("hello"))
         assert text(reply.messages[1]) == 'You said: "hello".'
+
+
+def test_runserver_binds_the_address_given() -> None:
+    with app_process(["app.py", "runserver", "[::1]:{port}", "--noreload"], host="[::1]") as http:
+        assert http.get("/health").status_code == 200
+        port = http.base_url.port
+        with socket.socket() as probe:  # bound to IPv6 loopback only: nothing answers over IPv4
+            assert probe.connect_ex(("127.0.0.1", port or 0)) != 0
+
+
+def test_runserver_refuses_an_address_it_cannot_read() -> None:
+    result = run_app("app.py", "runserver", "localhost:port")
+    assert result.returncode == 2
+    assert "'localhost:port' is not a port or an address:port" in result.stderr
+
+
+def test_runserver_reloads_a_changed_file_and_survives_a_syntax_error(tmp_path: Path) -> None:
+    copy = tmp_path / "app.py"
+    source = (HERE / "app.py").read_text()
+    version = f'__version__ = "{app.__version__}"'
+    copy.write_text(source)
+
+    def serves(http: httpx.Client, expected: str) -> bool:
+        return answers(http) and http.get("/health").json()["version"] == expected
+
+    with app_process([str(copy), "runserver", "{port}"]) as http:
+        assert serves(http, app.__version__)
+        copy.write_text(source.replace(version, '__version__ = "9.9.9"'))
+        assert wait_until(lambda: serves(http, "9.9.9"), 20), "the change was not picked up"
+        copy.write_text(source + "\nthis is not python\n")
+        time.sleep(1.5)  # the reloader restarts the app, which fails to import
+        copy.write_text(source.replace(version, '__version__ = "9.9.10"'))
+        assert wait_until(lambda: serves(http, "9.9.10"), 20), "the reloader did not survive the syntax error"
 
 
 @pytest.mark.parametrize(
@@ -792,13 +831,6 @@ def test_app_py_doubles_as_manage_py() -> None:
     result = run_app("app.py", "check")
     assert result.returncode == 0, result.stderr
     assert "System check identified no issues" in result.stdout
-
-
-def test_runserver_says_plainly_that_it_cannot_stream() -> None:
-    result = run_app("app.py", "runserver")
-    assert result.returncode != 0
-    assert "python app.py" in result.stderr
-    assert "WSGI" in result.stderr
 
 
 def test_debug_is_off_unless_set() -> None:

@@ -89,6 +89,10 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       assert.equal(await page.locator(".tool").count(), 1, "the tool was called again");
       assert.equal(await page.locator(".user", { hasText: "San Francisco today" }).count(), 1);
       assert.deepEqual(await allProblems(), []);
+      if (protocol === "data-stream") {
+        // The README's picture: this conversation as the check sees it, not drawn by hand.
+        await page.locator("#root").screenshot({ path: `${HERE}chat.png`, animations: "disabled" });
+      }
     });
 
     test("the next message keeps the tool round before it", async () => {
