@@ -225,7 +225,7 @@ class AssistantRequest(BaseModel):
 
 def json_error(status: int, message: str, details: object = None) -> JsonResponse:
     """The one shape of every error answered before a stream starts."""
-    body = {"error": message} if details is None else {"error": message, "details": details}
+    body: dict[str, object] = {"error": message} if details is None else {"error": message, "details": details}
     return JsonResponse(body, status=status)
 
 
@@ -259,6 +259,7 @@ def cors_middleware(get_response: View) -> View:
                 response["Access-Control-Allow-Headers"] = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")
                 response["Access-Control-Max-Age"] = "600"
             else:  # a refusal carries no Access-Control-Allow-* header at all
+                logger.warning("CORS preflight from %s for %s refused: see CORS_ORIGINS", origin, preflight_method)
                 origin_allowed = False
                 response = json_error(403, "CORS preflight refused: origin or method not allowed")
         if origin_allowed:
@@ -299,7 +300,7 @@ def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResul
                 del thread[end:]
             elif command.sourceId is not None and command.sourceId in ids:  # the first message, edited
                 del thread[ids.index(command.sourceId) :]
-            content = [
+            content: list[dict[str, Any]] = [
                 {"type": "text", "text": part.text}
                 if isinstance(part, TextPart)
                 else {"type": "image_url", "image_url": {"url": part.image}}
@@ -611,6 +612,11 @@ async def application(
     """The ASGI app: Django, with one sync worker for every request, and lifespan answered."""
     if scope["type"] == "lifespan":  # Django has no startup or shutdown work; say so to the server
         while (await receive())["type"] != "lifespan.shutdown":
+            agent = f"openai, model {settings.OPENAI_MODEL}" if model_client else "mock (no OPENAI_API_KEY)"
+            origins, hosts = ",".join(settings.CORS_ORIGINS), ",".join(settings.ALLOWED_HOSTS)
+            logger.info(
+                "Agent: %s; %s; CORS_ORIGINS=%s; ALLOWED_HOSTS=%s", agent, settings.STREAM_PROTOCOL, origins, hosts
+            )
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return

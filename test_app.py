@@ -637,6 +637,11 @@ def test_error_responses_carry_cors_headers(client: httpx.Client, case: Refusal)
     assert "Origin" in response.headers["vary"]
 
 
+def test_a_bad_host_logs_which_setting_to_change(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    assert client.get("/health", headers={"Host": "chat.example.com"}).status_code == 400
+    assert "You may need to add 'chat.example.com' to ALLOWED_HOSTS" in caplog.text
+
+
 def test_schema_errors_name_each_problem(client: httpx.Client) -> None:
     message = {"role": "user", "parts": [{"type": "image"}]}
     body = {"commands": [{"type": "add-message", "message": message}], "tools": 1}
@@ -693,10 +698,13 @@ def test_preflight_from_an_allowed_origin_is_answered(client: httpx.Client) -> N
 @pytest.mark.parametrize(
     ("origin", "method"), [("https://evil.example", "POST"), (FRONTEND, "DELETE"), (FRONTEND, "ST")]
 )
-def test_a_refused_preflight_carries_no_allow_headers(client: httpx.Client, origin: str, method: str) -> None:
+def test_a_refused_preflight_carries_no_allow_headers(
+    client: httpx.Client, origin: str, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
     response = preflight(client, origin, method)
     assert response.status_code == 403
     assert [name for name in response.headers if name.lower().startswith("access-control-allow")] == []
+    assert f"CORS preflight from {origin} for {method} refused: see CORS_ORIGINS" in caplog.text
 
 
 def test_stream_to_an_allowed_origin_carries_cors_headers(client: httpx.Client) -> None:
@@ -825,6 +833,22 @@ def test_bad_setting_stops_startup_with_one_clear_line(name: str, value: str, re
     result = run_app("app.py", "check", **{name: value})
     assert result.returncode != 0
     assert result.stderr.strip() == f"Invalid setting {name}={value!r}: {reason}."
+
+
+def test_startup_logs_what_is_active_and_no_secret() -> None:
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "OPENAI_API_KEY": "sk-secret", "CORS_ORIGINS": "http://localhost:5173"}
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        lines = iter(process.stderr.readline, "")
+        line = next(line for line in lines if "Agent:" in line or "Uvicorn running" in line)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert "Agent: openai, model gpt-4o-mini; data-stream; CORS_ORIGINS=http://localhost:5173; " in line
+    assert "ALLOWED_HOSTS=localhost,127.0.0.1,[::1]" in line
+    assert "sk-secret" not in line
 
 
 def test_app_py_doubles_as_manage_py() -> None:
