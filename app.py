@@ -317,7 +317,7 @@ def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResul
             message["status"] = "error" if command.isError else "success"
             extras = {"artifact": command.artifact, "model_content": command.modelContent}
             message |= {key: value for key, value in extras.items() if value is not None}
-            earlier = [i for i, message in enumerate(thread) if message.get("tool_call_id") == command.toolCallId]
+            earlier = [i for i, existing in enumerate(thread) if existing.get("tool_call_id") == command.toolCallId]
             if earlier:  # a retried request: the result replaces the first instead of repeating it
                 thread[earlier[0]] = message
             else:
