@@ -464,9 +464,9 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
             {"type": "function", "function": {"name": name, **tool.model_dump(exclude={"disabled"}, exclude_none=True)}}
             for name, tool in tools.items()
         ]
-    # The raw lines, not the SDK's typed chunks: building those objects took three quarters of the
-    # CPU per token (70 µs a chunk, against 2.6 µs for json.loads). The client still brings auth,
-    # retries, timeouts and typed errors, and leaving the block closes the upstream request.
+    # The raw lines, not the SDK's typed chunks: building those objects costs about 70 µs a chunk,
+    # and reading the lines relays 5x the tokens per core (bench/tokens.py). The client still brings
+    # auth, retries, timeouts and typed errors, and leaving the block closes the upstream request.
     async with model_client.chat.completions.with_streaming_response.create(
         model=settings.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
     ) as response:

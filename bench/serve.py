@@ -1,6 +1,8 @@
 """Serve app.py's Django app, or its FastAPI twin, under the same uvicorn settings.
 
-Usage: python bench/serve.py django|fastapi PORT
+Usage: python bench/serve.py django|fastapi|typed PORT
+
+typed is the Django app with the typed-SDK agent of bench/typed_sdk.py, for the token benchmark.
 
 Both sit behind the same probe: GET /__probe answers with the number of tasks in the event loop,
 so the benchmark can see tasks left behind, with neither framework in the way.
@@ -40,10 +42,16 @@ def probed(asgi_app: App) -> App:
 
 def main() -> None:
     framework, port = sys.argv[1], int(sys.argv[2])
-    if framework == "django":
-        from app import application as target
-    else:
+    if framework == "fastapi":
         from twin import twin as target
+    else:
+        import app
+        from app import application as target
+
+        if framework == "typed":
+            from typed_sdk import typed_agent
+
+            app.run_agent = typed_agent
     uvicorn.run(probed(target), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
