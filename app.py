@@ -76,6 +76,10 @@ class Environment(BaseModel):
     OPENAI_API_KEY: str = ""
     OPENAI_MODEL: str = "gpt-4o-mini"
     OPENAI_BASE_URL: str = ""
+    # The model request's time limit (seconds to connect, and between two reads) and retries: the SDK's
+    # own 600 s and 2 retries let a hung model server keep a user waiting half an hour.
+    OPENAI_TIMEOUT: float = Field(30, gt=0)
+    OPENAI_MAX_RETRIES: int = Field(1, ge=0, le=10)
     MAX_REQUEST_BYTES: int = Field(10 * 1024 * 1024, gt=0)
 
 
@@ -423,7 +427,12 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
 # One client for the process: it keeps its connections to the model server open between runs.
 model_client: "openai.AsyncOpenAI | None" = None
 if settings.OPENAI_API_KEY:
-    model_client = openai.AsyncOpenAI(api_key=settings.OPENAI_API_KEY, base_url=settings.OPENAI_BASE_URL or None)
+    model_client = openai.AsyncOpenAI(
+        api_key=settings.OPENAI_API_KEY,
+        base_url=settings.OPENAI_BASE_URL or None,
+        timeout=settings.OPENAI_TIMEOUT,
+        max_retries=settings.OPENAI_MAX_RETRIES,
+    )
 
 
 def model_messages(thread: list[Message], system: str | None) -> list[Any]:
@@ -470,6 +479,9 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
     async with model_client.chat.completions.with_streaming_response.create(
         model=settings.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
     ) as response:
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            kind = response.headers.get("content-type") or "no content type"
+            raise openai.APIError(f"The model server answered {kind}, not a stream", response.http_request, body=None)
         try:
             async for line in response.iter_lines():
                 data = line.removeprefix("data:").strip()
@@ -527,7 +539,11 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         problems = error.errors(include_url=False, include_context=False, include_input=False)
         if problems[0]["type"] == "json_invalid":
             return json_error(400, "Body is not valid JSON", problems[0]["msg"])
-        return json_error(400, "Body does not match the request schema", problems)
+        # A body can hold a million mistakes; the first few dozen tell the client what is wrong.
+        message = (
+            f"Body does not match the request schema: {len(problems)} problem(s), the first {len(problems[:20])} listed"
+        )
+        return json_error(400, message, problems[:20])
     except UnknownToolCallError as error:
         return json_error(400, "add-tool-result for a tool call that is not in the state", [str(error)])
 

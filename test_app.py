@@ -40,6 +40,8 @@ SETTINGS = [
     "OPENAI_API_KEY",
     "OPENAI_MODEL",
     "OPENAI_BASE_URL",
+    "OPENAI_TIMEOUT",
+    "OPENAI_MAX_RETRIES",
 ]
 os.environ.update(dict.fromkeys(SETTINGS, ""))
 import app  # noqa: E402
@@ -642,6 +644,15 @@ def test_a_bad_host_logs_which_setting_to_change(client: httpx.Client, caplog: p
     assert "You may need to add 'chat.example.com' to ALLOWED_HOSTS" in caplog.text
 
 
+def test_schema_errors_list_a_few_dozen_problems_and_count_them(client: httpx.Client) -> None:
+    message = {"role": "user", "parts": [{"type": "image"}] * 5000}
+    response = client.post("/assistant", json={"commands": [{"type": "add-message", "message": message}]})
+    assert response.status_code == 400
+    assert "5000 problem(s), the first 20 listed" in response.json()["error"]
+    assert len(response.json()["details"]) == 20
+    assert len(response.content) < 5000, "the refusal must not grow with the request"
+
+
 def test_schema_errors_name_each_problem(client: httpx.Client) -> None:
     message = {"role": "user", "parts": [{"type": "image"}]}
     body = {"commands": [{"type": "add-message", "message": message}], "tools": 1}
@@ -879,6 +890,8 @@ class Completion:
     delay: float = 0
     status: int = 200
     error: Json = None
+    head_delay: float = 0  # seconds before the response starts: a hung model server
+    content_type: str = "text/event-stream"
 
 
 def says(*tokens: str, delay: float = 0) -> Completion:
@@ -918,6 +931,12 @@ class FakeOpenAI:
         self.requests.append(json.loads(body))
         self.authorizations.append(dict(scope["headers"]).get(b"authorization", b"").decode())
         answer = self.script.pop(0) if self.script else says("ok")
+        await asyncio.sleep(answer.head_delay)
+        if answer.content_type != "text/event-stream":  # a 200 that is not a stream: a login page, a proxy
+            headers = [(b"content-type", answer.content_type.encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"<html><body>Please sign in</body></html>"})
+            return
         if answer.status != 200:
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": answer.status, "headers": headers})
@@ -1205,6 +1224,10 @@ MODEL_ERRORS = {
     ),
     "server-error": (fails(500, "The server had an error"), "The model server answered 500: The server had an error"),
     "stalls-mid-stream": (says("late", delay=2), "The model request failed: ReadTimeout while the reply streamed."),
+    "not-a-stream": (
+        Completion(content_type="text/html; charset=utf-8"),
+        "The model request failed: The model server answered text/html; charset=utf-8, not a stream",
+    ),
     "error-mid-stream": (
         Completion([{"content": "Partial"}], error={"message": "The model crashed", "type": "server_error"}),
         "The model request failed: The model crashed",
@@ -1258,6 +1281,21 @@ def test_disconnect_closes_the_upstream_request_within_a_second(
     print(f"disconnect to upstream close: {(fake_openai.disconnected_at - closed_at) * 1000:.0f} ms")
     assert fake_openai.disconnected_at - closed_at < 1
     assert wait_until(lambda: server.task_count() == baseline, 1), "a task outlived the disconnected stream"
+
+
+def test_a_hung_model_server_is_reported_within_the_timeout_setting(
+    fake_openai_server: tuple[FakeOpenAI, Server],
+) -> None:
+    fake, running = fake_openai_server
+    fake.requests, fake.script = [], [Completion(head_delay=3), Completion(head_delay=3)]
+    env = {"OPENAI_API_KEY": "sk-env", "OPENAI_BASE_URL": f"{running.url}/v1", "OPENAI_TIMEOUT": "0.5"}
+    with app_process(["app.py"], **env, OPENAI_MAX_RETRIES="1") as http:
+        started = time.monotonic()
+        reply = send(http, {"commands": [user_says("hello")], "state": None})
+        elapsed = time.monotonic() - started
+    assert reply.errors == ["The model request failed: Request timed out."]
+    assert len(fake.requests) == 2, "one retry, as OPENAI_MAX_RETRIES says"
+    assert elapsed < 2.5, f"two 0.5 s attempts took {elapsed:.1f} s"
 
 
 def test_openai_settings_choose_the_agent(fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
