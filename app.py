@@ -16,6 +16,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -329,6 +330,23 @@ def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResul
     return thread
 
 
+RESERVED_KEYS = {"__proto__", "constructor", "prototype"}
+
+
+def undecodable(value: object) -> str | None:
+    """What in a value the client's strict decoder would refuse, dropping the whole line with it."""
+    # JSON has no NaN or Infinity (Python writes them anyway); the keys guard against prototype pollution.
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"the number {value}"
+    if isinstance(value, dict):
+        if reserved := RESERVED_KEYS & value.keys():
+            return f"the key {min(reserved)!r}"
+        value = list(value.values())
+    if isinstance(value, list):
+        return next((problem for item in value if (problem := undecodable(item))), None)
+    return None
+
+
 def reply_awaited(thread: list[Message]) -> bool:
     """Whether the agent speaks: a user message is last, or every call of the last ai message has its result."""
     answered = set()
@@ -365,7 +383,10 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk]) -
                 controller.append_state_text(path, function["arguments"])
     for position in calls.values():
         call = messages[at]["tool_calls"][position]
-        call["args"] = json.loads(call["partial_json"] or "{}")
+        args = json.loads(call["partial_json"] or "{}")
+        if not isinstance(args, dict) or (problem := undecodable(args)):
+            raise ValueError(f"The model's arguments for {call['name']} hold {problem or 'no object'}")
+        call["args"] = args
 
 
 def as_text(value: object) -> str:
@@ -546,6 +567,8 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         return json_error(400, message, problems[:20])
     except UnknownToolCallError as error:
         return json_error(400, "add-tool-result for a tool call that is not in the state", [str(error)])
+    if problem := undecodable({**(state or {}), "messages": thread}):  # what the stream would carry
+        return json_error(400, f"Body holds {problem}, which the client's strict decoder refuses")
 
     async def run(controller: RunController) -> None:
         try:

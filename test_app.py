@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -605,6 +606,22 @@ REFUSALS = {
         b'{"commands": [{"type": "add-tool-result", "toolCallId": "call_gone"}]}',
         details=["call_gone"],
     ),
+    "nan-in-a-tool-result": Refusal(
+        "POST",
+        "/assistant",
+        b'{"commands": [{"type": "add-tool-result", '
+        b'"toolCallId": "c1", "result": [1, NaN]}], "state": {"messages": [{"type": "ai", "content": "", '
+        b'"tool_calls": [{"id": "c1", "name": "t"}]}]}}',
+    ),
+    "overflowing-number-in-state": Refusal("POST", "/assistant", b'{"commands": [], "state": {"zoom": 1e400}}'),
+    "proto-key-in-an-artifact": Refusal(
+        "POST",
+        "/assistant",
+        b'{"commands": [{"type": "add-tool-result", '
+        b'"toolCallId": "c1", "artifact": {"__proto__": {"admin": true}}}], "state": {"messages": [{"type": '
+        b'"ai", "content": "", "tool_calls": [{"id": "c1", "name": "t"}]}]}}',
+    ),
+    "constructor-key-in-state": Refusal("POST", "/assistant", b'{"commands": [], "state": {"p": {"constructor": 1}}}'),
     "not-json-content-type": Refusal("POST", "/assistant", b'{"commands": []}', 415, {"Content-Type": "text/plain"}),
     "wrong-method": Refusal("GET", "/assistant", status=405, allow="POST"),
     "wrong-method-health": Refusal("DELETE", "/health", status=405, allow="GET, HEAD"),
@@ -1173,6 +1190,32 @@ def test_model_reads_the_tool_results_model_content(client: httpx.Client, fake_o
         "tool_call_id": "call_c",
         "content": "A bar chart.",
     }
+
+
+def keys_and_numbers(value: Json) -> Iterator[Json]:
+    """Every key and every number in a JSON value, however deep."""
+    if isinstance(value, dict):
+        yield from value.keys()
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from keys_and_numbers(item)
+    elif isinstance(value, float):
+        yield value
+
+
+@pytest.mark.parametrize("arguments", ['{"zoom": NaN}', '{"zoom": 1e400}', '{"__proto__": {"admin": true}}'])
+def test_tool_arguments_the_client_cannot_decode_are_refused(
+    client: httpx.Client, fake_openai: FakeOpenAI, protocol: str, arguments: str
+) -> None:
+    fake_openai.script = [calls_tools(("call_m", "render_map", [arguments]))]
+    reply = send(client, {"commands": [user_says("map it")], "state": None}, protocol)
+    assert reply.errors == ["The assistant failed while replying. The server log has the details."]
+    (call,) = calls(reply.state)
+    assert call["partial_json"] == arguments, "the text streamed; it is a string, which the client reads"
+    found = list(keys_and_numbers([operation.get("value") for operation in reply.operations]))
+    assert [item for item in found if isinstance(item, float) and not math.isfinite(item)] == []
+    assert app.RESERVED_KEYS.isdisjoint(item for item in found if isinstance(item, str))
 
 
 def test_call_settings_pass_through(client: httpx.Client, fake_openai: FakeOpenAI) -> None:

@@ -4,18 +4,32 @@ import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 import { decode, post, startApp, textOf, userSays } from "./harness.mjs";
 
-/** A model server that streams one token and then an error event, as the OpenAI API does mid-stream. */
-async function startFailingModel() {
+/** A model server that streams these events (chunk deltas, or an {error}) as SSE, then ends. */
+async function startModel(events) {
   const server = createServer((request, response) => {
     request.resume();
     response.writeHead(200, { "Content-Type": "text/event-stream" });
-    const chunk = { id: "c", object: "chat.completion.chunk", created: 1, model: "m",
-      choices: [{ index: 0, delta: { role: "assistant", content: "Partial" }, finish_reason: null }] };
-    response.write(`data: ${JSON.stringify(chunk)}\n\n`);
-    response.end(`data: ${JSON.stringify({ error: { message: "The model crashed", type: "server_error" } })}\n\n`);
+    for (const event of events) {
+      const chunk = event.error ? event : { id: "c", object: "chat.completion.chunk", created: 1, model: "m",
+        choices: [{ index: 0, delta: event, finish_reason: null }] };
+      response.write(`data: ${JSON.stringify(chunk)}\n\n`);
+    }
+    response.end("data: [DONE]\n\n");
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   return { url: `http://127.0.0.1:${server.address().port}/v1`, stop: () => server.close() };
+}
+
+/** The app, with the OpenAI agent talking to a model server that streams these events. */
+async function withModel(protocol, events, check) {
+  const model = await startModel(events);
+  const app = await startApp({ STREAM_PROTOCOL: protocol, OPENAI_API_KEY: "sk-test", OPENAI_BASE_URL: model.url });
+  try {
+    await check(app);
+  } finally {
+    await app.stop();
+    model.stop();
+  }
 }
 
 for (const protocol of ["data-stream", "assistant-transport"]) {
@@ -85,17 +99,25 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
     });
 
     test("an error mid-run reaches the client, and the conversation stays", async () => {
-      const model = await startFailingModel();
-      const withModel = await startApp({ STREAM_PROTOCOL: protocol, OPENAI_API_KEY: "sk-test", OPENAI_BASE_URL: model.url });
-      try {
-        const { state, error } = await converse(null, [userSays("hi")], withModel);
+      const events = [{ role: "assistant", content: "Partial" }, { error: { message: "The model crashed" } }];
+      await withModel(protocol, events, async (withAModel) => {
+        const { state, error } = await converse(null, [userSays("hi")], withAModel);
         assert.equal(error, "The model request failed: The model crashed");
         assert.equal(textOf(state.messages[0]), "hi");
         assert.equal(textOf(state.messages[1]), "Partial");
-      } finally {
-        await withModel.stop();
-        model.stop();
-      }
+      });
     });
+
+    for (const [name, text] of [["NaN", '{"zoom": NaN}'], ["__proto__", '{"__proto__": {"admin": true}}']]) {
+      test(`tool arguments holding ${name} end in an error the decoder reads, not a broken stream`, async () => {
+        const call = { index: 0, id: "call_m", type: "function", function: { name: "render_map", arguments: "" } };
+        const events = [{ tool_calls: [call] }, { tool_calls: [{ index: 0, function: { arguments: text } }] }];
+        await withModel(protocol, events, async (withAModel) => {
+          const { state, error } = await converse(null, [userSays("map it")], withAModel);
+          assert.equal(error, "The assistant failed while replying. The server log has the details.");
+          assert.equal(state.messages[1].tool_calls[0].partial_json, text);
+        });
+      });
+    }
   });
 }
