@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import uvicorn
 from asgiref.sync import ThreadSensitiveContext
 from assistant_stream import RunController, create_run
+from assistant_stream.assistant_stream_chunk import UpdateStateChunk
 from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
 from assistant_stream.serialization.heartbeat import add_keepalive
 from django.conf import settings
@@ -360,7 +361,32 @@ def reply_awaited(thread: list[Message]) -> bool:
     return False
 
 
-async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk]) -> None:
+class Backlog:
+    """Text the run has written that the client has not taken yet; the writer waits while there is too much."""
+
+    LIMIT = 256 * 1024  # characters: all that a client which stops reading makes the server hold
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.taken = asyncio.Event()
+
+    async def wrote(self, characters: int) -> None:
+        """Count what the writer added; wait while the client is that far behind."""
+        self.waiting += characters
+        while self.waiting > self.LIMIT:
+            self.taken.clear()
+            await self.taken.wait()
+
+    async def taking(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The run's chunks as the encoder takes them, each taken one counted off."""
+        async for chunk in chunks:
+            operations = chunk.operations if isinstance(chunk, UpdateStateChunk) else []
+            self.waiting -= sum(len(op["value"]) for op in operations if op["type"] == "append-text")
+            self.taken.set()
+            yield chunk
+
+
+async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], backlog: Backlog) -> None:
     """Write a model's streamed chunks into a new ai message, piece by piece as they arrive."""
     # Every string starts empty and grows by append-text, the only way the client's strict decoder
     # lets a string grow; a call's args are set once its partial_json is complete.
@@ -370,8 +396,10 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk]) -
     calls: dict[int, int] = {}  # the model's index of each call -> its place in tool_calls
     async for chunk in chunks:
         delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
+        written = 0
         if delta.get("content"):
             controller.append_state_text(["messages", at, "content"], delta["content"])
+            written += len(delta["content"])
         for piece in delta.get("tool_calls") or []:
             function = piece.get("function") or {}
             if (index := piece.get("index", 0)) not in calls:  # a call's first piece carries its id and name
@@ -381,6 +409,8 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk]) -
             if function.get("arguments"):
                 path = ["messages", at, "tool_calls", calls[index], "partial_json"]
                 controller.append_state_text(path, function["arguments"])
+                written += len(function["arguments"])
+        await backlog.wrote(written)  # a client that stops reading stops the model being read
     for position in calls.values():
         call = messages[at]["tool_calls"][position]
         args = json.loads(call["partial_json"] or "{}")
@@ -570,6 +600,8 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
     if problem := undecodable({**(state or {}), "messages": thread}):  # what the stream would carry
         return json_error(400, f"Body holds {problem}, which the client's strict decoder refuses")
 
+    backlog = Backlog()
+
     async def run(controller: RunController) -> None:
         try:
             # Send the thread as the commands left it: only the new messages, unless an edit cut it.
@@ -580,7 +612,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
             else:
                 controller.state["messages"] = thread
             if reply_awaited(thread):
-                await write_reply(controller, run_agent(thread, body))
+                await write_reply(controller, run_agent(thread, body), backlog)
         except asyncio.CancelledError:
             logger.info("Client disconnected; run stopped")
             raise
@@ -590,7 +622,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
             logger.exception("Run failed")
             controller.add_error(describe(error))
 
-    stream = ENCODER.encode_stream(create_run(run, state=state))
+    stream = ENCODER.encode_stream(backlog.taking(create_run(run, state=state)))
     if settings.HEARTBEAT_SECONDS:
         stream = add_keepalive(stream, settings.HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
     # Tell every proxy on the way not to cache or buffer the stream (nginx reads X-Accel-Buffering).

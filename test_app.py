@@ -477,6 +477,26 @@ def test_no_tool_call_when_the_frontend_does_not_offer_get_weather(client: httpx
 # --- Streams: headers, keep-alives, errors inside a run, disconnects -----------------------------
 
 
+def test_a_reply_is_no_bigger_than_a_small_multiple_of_its_request(client: httpx.Client) -> None:
+    messages = [{"id": f"m{index}", "type": "human", "content": "x" * 100} for index in range(2000)]
+    # 100 edits, each naming the second-to-last message: each one cuts the thread and adds a message.
+    edits = [user_says(f"edit {index}", parent_id=f"m{1997}") for index in range(100)]
+    body = {"commands": edits, "state": {"messages": messages}}
+    reply = send(client, body)
+    assert reply.status == 200
+    assert len(reply.body) < 2 * len(json.dumps(body)), "the thread went out more than once"
+
+
+def test_what_the_mock_echoes_is_capped(client: httpx.Client) -> None:
+    asked = chat(client, None, user_says("What is the weather in " + "Very " * 200_000 + "Big Town?"))
+    (call,) = calls(asked.state)
+    assert len(call["args"]["location"]) < 200
+    assert len(asked.messages[1]["content"]) < 1000
+    answered = chat(client, asked.state, tool_result(call["id"], "sunny " * 300_000))
+    assert len(answered.messages[3]["content"]) < 700
+    assert len(answered.body) < 2 * len("sunny " * 300_000), "the result went out more than once"
+
+
 def test_stream_headers_tell_proxies_not_to_buffer(client: httpx.Client, protocol: str) -> None:
     reply = chat(client, None, user_says("hi"), protocol=protocol)
     media_type = "text/plain" if protocol == "data-stream" else "text/event-stream"
@@ -537,8 +557,10 @@ def test_open_streams_do_not_each_hold_a_thread(server: Server, monkeypatch: pyt
         with httpx.Client(base_url=server.url, timeout=10, limits=httpx.Limits(max_connections=200)) as http:
             body = {"commands": [user_says("a b c")]}
             streams = [http.stream("POST", "/assistant", json=body) for _ in range(100)]
-            for stream in streams:
-                next(stream.__enter__().iter_raw())
+            # Keep each iterator: once collected, it would close its connection, and the stream with it.
+            readers = [stream.__enter__().iter_raw() for stream in streams]
+            for reader in readers:
+                next(reader)
             assert threading.active_count() - threads_before <= 3
             for stream in streams:
                 stream.__exit__(None, None, None)
@@ -937,6 +959,7 @@ class FakeOpenAI:
     requests: list[Json] = field(default_factory=list)
     authorizations: list[str] = field(default_factory=list)
     disconnected_at: float | None = None
+    sent_bytes: int = 0
 
     async def __call__(
         self, scope: Json, receive: Callable[[], Awaitable[Json]], send: Callable[[Json], Awaitable[None]]
@@ -980,6 +1003,7 @@ class FakeOpenAI:
                 event |= {"model": "gpt-4o-mini", "system_fingerprint": "fp_fake"}
             chunk = f"data: {json.dumps(event)}\n\n".encode()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.sent_bytes += len(chunk)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         hung_up.cancel()
 
@@ -997,7 +1021,7 @@ def fake_openai(
 ) -> Iterator[FakeOpenAI]:
     """The OpenAI agent serves the next requests, with the fake as its model server."""
     fake, running = fake_openai_server
-    fake.script, fake.requests, fake.authorizations, fake.disconnected_at = [], [], [], None
+    fake.script, fake.requests, fake.authorizations, fake.disconnected_at, fake.sent_bytes = [], [], [], None, 0
     model_client = openai.AsyncOpenAI(api_key="sk-server", base_url=f"{running.url}/v1", max_retries=0, timeout=5)
     monkeypatch.setattr(app, "model_client", model_client)
     monkeypatch.setattr(app, "run_agent", app.openai_agent)
@@ -1339,6 +1363,38 @@ def test_a_hung_model_server_is_reported_within_the_timeout_setting(
     assert reply.errors == ["The model request failed: Request timed out."]
     assert len(fake.requests) == 2, "one retry, as OPENAI_MAX_RETRIES says"
     assert elapsed < 2.5, f"two 0.5 s attempts took {elapsed:.1f} s"
+
+
+def test_a_client_that_stops_reading_holds_the_server_and_the_model_back(
+    fake_openai_server: tuple[FakeOpenAI, Server],
+) -> None:
+    fake, running = fake_openai_server
+    fake.script, fake.sent_bytes = [says(*["x" * 65536] * 1600)], 0  # 105 MB of reply, as fast as it goes
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "OPENAI_API_KEY": "sk-env", "OPENAI_BASE_URL": f"{running.url}/v1"}
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=HERE, env=env, stderr=subprocess.DEVNULL)
+
+    def rss_mb() -> float:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            assert wait_until(lambda: answers(http), 20)
+            before = rss_mb()
+            with http.stream("POST", "/assistant", json={"commands": [user_says("talk")], "state": None}) as response:
+                # The stream started; now the client reads no more. (Keep the iterator: once collected,
+                # it would close the connection.)
+                unread = response.iter_raw()
+                next(unread)
+                time.sleep(4)
+                grown, sent = rss_mb() - before, fake.sent_bytes
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    print(f"the model sent {sent / 1e6:.1f} of 105 MB; the server grew {grown:.1f} MB")
+    assert sent < 25e6, "the model was read on while the client read nothing"
+    assert grown < 30, "the server buffered what its client did not take"
 
 
 def test_openai_settings_choose_the_agent(fake_openai_server: tuple[FakeOpenAI, Server]) -> None:

@@ -33,6 +33,7 @@ async def assistant(body: app.AssistantRequest) -> StreamingResponse:
     state: dict[str, Any] | None = body.state.model_dump(exclude_unset=True) if body.state is not None else None
     sent = state.get("messages", []) if state else []
     thread = app.apply_commands(sent, body.commands)
+    backlog = app.Backlog()
 
     async def run(controller: RunController) -> None:
         if controller.state is None:
@@ -40,9 +41,9 @@ async def assistant(body: app.AssistantRequest) -> StreamingResponse:
         else:
             controller.state["messages"].extend(thread[len(sent) :])
         if app.reply_awaited(thread):
-            await app.write_reply(controller, app.run_agent(thread, body))
+            await app.write_reply(controller, app.run_agent(thread, body), backlog)
 
-    stream = app.ENCODER.encode_stream(create_run(run, state=state))
+    stream = app.ENCODER.encode_stream(backlog.taking(create_run(run, state=state)))
     if app.settings.HEARTBEAT_SECONDS:
         stream = add_keepalive(stream, app.settings.HEARTBEAT_SECONDS, app.ENCODER.get_keepalive_token())
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
