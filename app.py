@@ -361,6 +361,15 @@ def reply_awaited(thread: list[Message]) -> bool:
     return False
 
 
+class ModelError(Exception):
+    """The model's answer broke the protocol or a limit; the message is what the user reads."""
+
+
+# assistant-stream copies a string for every piece appended to it, so a reply costs the square of its
+# length: a bound keeps one reply's cost sane (the longest model answers are about 64 K characters).
+REPLY_LIMIT = 200_000  # characters
+
+
 class Backlog:
     """Text the run has written that the client has not taken yet; the writer waits while there is too much."""
 
@@ -394,6 +403,7 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], b
     messages.append({"id": uuid.uuid4().hex, "type": "ai", "content": "", "tool_calls": []})
     at = len(messages) - 1
     calls: dict[int, int] = {}  # the model's index of each call -> its place in tool_calls
+    length = 0
     async for chunk in chunks:
         delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
         written = 0
@@ -410,12 +420,14 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], b
                 path = ["messages", at, "tool_calls", calls[index], "partial_json"]
                 controller.append_state_text(path, function["arguments"])
                 written += len(function["arguments"])
+        if (length := length + written) > REPLY_LIMIT:
+            raise ModelError(f"The reply passed {REPLY_LIMIT} characters")
         await backlog.wrote(written)  # a client that stops reading stops the model being read
     for position in calls.values():
         call = messages[at]["tool_calls"][position]
         args = json.loads(call["partial_json"] or "{}")
-        if not isinstance(args, dict) or (problem := undecodable(args)):
-            raise ValueError(f"The model's arguments for {call['name']} hold {problem or 'no object'}")
+        if problem := undecodable(args) if isinstance(args, dict) else "no JSON object":
+            raise ModelError(f"The arguments for {call['name']} hold {problem}")
         call["args"] = args
 
 
@@ -475,6 +487,8 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
         yield {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
 
 
+MODEL_LINE_LIMIT = 1024 * 1024  # bytes of one line of the model's stream
+
 # One client for the process: it keeps its connections to the model server open between runs.
 model_client: "openai.AsyncOpenAI | None" = None
 if settings.OPENAI_API_KEY:
@@ -532,19 +546,24 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
     ) as response:
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             kind = response.headers.get("content-type") or "no content type"
-            raise openai.APIError(f"The model server answered {kind}, not a stream", response.http_request, body=None)
+            raise ModelError(f"The model server answered {kind}, not a stream")
+        unfinished = b""  # the line being received; bounded, as a line that never ends would fill memory
         try:
-            async for line in response.iter_lines():
-                data = line.removeprefix("data:").strip()
-                if not line.startswith("data:") or data == "[DONE]":
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:  # an error after the 200, inside the stream
-                    error = chunk["error"]
-                    message = error.get("message") if isinstance(error, dict) else None
-                    raise openai.APIError(message or str(error), response.http_request, body=error)
-                yield chunk
-        except openai.APIError:
+            async for received in response.iter_bytes():
+                *lines, unfinished = (unfinished + received).split(b"\n")
+                if len(unfinished) > MODEL_LINE_LIMIT:
+                    raise ModelError(f"The model server sent a line over {MODEL_LINE_LIMIT} bytes")
+                for line in lines:
+                    data = line.removeprefix(b"data:").strip()
+                    if not line.startswith(b"data:") or data == b"[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    if "error" in chunk:  # an error after the 200, inside the stream
+                        error = chunk["error"]
+                        message = error.get("message") if isinstance(error, dict) else None
+                        raise openai.APIError(message or str(error), response.http_request, body=error)
+                    yield chunk
+        except (openai.APIError, ModelError):
             raise
         except Exception as error:  # the SDK types errors up to the headers; a timeout after them is its HTTP client's
             message = f"{type(error).__name__} while the reply streamed."
@@ -553,6 +572,8 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
 
 def describe(error: Exception) -> str:
     """A failed run in words the user can act on; the log keeps the whole error."""
+    if isinstance(error, ModelError):
+        return f"The model request failed: {error}"
     if openai is None or not isinstance(error, openai.APIError):
         return "The assistant failed while replying. The server log has the details."
     if isinstance(error, openai.APIStatusError):  # the server's own words: a bad key, a rate limit, ...

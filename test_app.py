@@ -930,6 +930,7 @@ class Completion:
     status: int = 200
     error: Json = None
     head_delay: float = 0  # seconds before the response starts: a hung model server
+    raw: bytes = b""  # sent as is after the deltas: a broken stream
     content_type: str = "text/event-stream"
 
 
@@ -993,6 +994,8 @@ class FakeOpenAI:
         events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
         if answer.error is not None:  # an error after the 200, as the API sends one mid-stream
             events[-2:] = [{"error": answer.error}]
+        if answer.raw:
+            await send({"type": "http.response.body", "body": answer.raw, "more_body": True})
         for event in events:
             done, _ = await asyncio.wait({hung_up}, timeout=answer.delay)
             if done:
@@ -1228,13 +1231,21 @@ def keys_and_numbers(value: Json) -> Iterator[Json]:
         yield value
 
 
-@pytest.mark.parametrize("arguments", ['{"zoom": NaN}', '{"zoom": 1e400}', '{"__proto__": {"admin": true}}'])
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ('{"zoom": NaN}', "the number nan"),
+        ('{"zoom": 1e400}', "the number inf"),
+        ('{"__proto__": {"admin": true}}', "the key '__proto__'"),
+        ("[1, 2]", "no JSON object"),
+    ],
+)
 def test_tool_arguments_the_client_cannot_decode_are_refused(
-    client: httpx.Client, fake_openai: FakeOpenAI, protocol: str, arguments: str
+    client: httpx.Client, fake_openai: FakeOpenAI, protocol: str, arguments: str, problem: str
 ) -> None:
     fake_openai.script = [calls_tools(("call_m", "render_map", [arguments]))]
     reply = send(client, {"commands": [user_says("map it")], "state": None}, protocol)
-    assert reply.errors == ["The assistant failed while replying. The server log has the details."]
+    assert reply.errors == [f"The model request failed: The arguments for render_map hold {problem}"]
     (call,) = calls(reply.state)
     assert call["partial_json"] == arguments, "the text streamed; it is a string, which the client reads"
     found = list(keys_and_numbers([operation.get("value") for operation in reply.operations]))
@@ -1295,6 +1306,10 @@ MODEL_ERRORS = {
         Completion(content_type="text/html; charset=utf-8"),
         "The model request failed: The model server answered text/html; charset=utf-8, not a stream",
     ),
+    "a-line-that-never-ends": (
+        Completion([{"content": "Hi"}], raw=b"data: " + b"x" * (2 * 1024 * 1024)),
+        "The model request failed: The model server sent a line over 1048576 bytes",
+    ),
     "error-mid-stream": (
         Completion([{"content": "Partial"}], error={"message": "The model crashed", "type": "server_error"}),
         "The model request failed: The model crashed",
@@ -1320,6 +1335,13 @@ def test_model_errors_become_a_readable_error_frame(
     assert reply.messages[0]["content"] == [{"type": "text", "text": "hi"}], "the user's message must survive"
     assert "Run failed" in caplog.text
     assert "sk-server" not in reply.body
+
+
+def test_a_reply_past_the_limit_ends_with_a_readable_error(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [says(*["y" * 1000] * (app.REPLY_LIMIT // 1000 + 10))]
+    reply = send(client, {"commands": [user_says("go on")], "state": None})
+    assert reply.errors == [f"The model request failed: The reply passed {app.REPLY_LIMIT} characters"]
+    assert app.REPLY_LIMIT <= len(reply.messages[1]["content"]) <= app.REPLY_LIMIT + 1000, "what came is kept"
 
 
 def test_unreachable_model_server_becomes_an_error_frame(

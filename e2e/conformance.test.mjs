@@ -108,13 +108,14 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       });
     });
 
-    for (const [name, text] of [["NaN", '{"zoom": NaN}'], ["__proto__", '{"__proto__": {"admin": true}}']]) {
+    const refused = [["NaN", '{"zoom": NaN}', "the number nan"], ["__proto__", '{"__proto__": {"admin": true}}', "the key '__proto__'"]];
+    for (const [name, text, problem] of refused) {
       test(`tool arguments holding ${name} end in an error the decoder reads, not a broken stream`, async () => {
         const call = { index: 0, id: "call_m", type: "function", function: { name: "render_map", arguments: "" } };
         const events = [{ tool_calls: [call] }, { tool_calls: [{ index: 0, function: { arguments: text } }] }];
         await withModel(protocol, events, async (withAModel) => {
           const { state, error } = await converse(null, [userSays("map it")], withAModel);
-          assert.equal(error, "The assistant failed while replying. The server log has the details.");
+          assert.equal(error, `The model request failed: The arguments for render_map hold ${problem}`);
           assert.equal(state.messages[1].tool_calls[0].partial_json, text);
         });
       });
