@@ -83,6 +83,11 @@ class Environment(BaseModel):
     OPENAI_TIMEOUT: float = Field(30, gt=0)
     OPENAI_MAX_RETRIES: int = Field(1, ge=0, le=10)
     MAX_REQUEST_BYTES: int = Field(10 * 1024 * 1024, gt=0)
+    # For `python app.py`: connections served at once (past it, 503), seconds an idle connection is
+    # kept, and the proxies whose X-Forwarded-For is believed (none, unless you name yours).
+    LIMIT_CONCURRENCY: int = Field(4000, gt=0)
+    TIMEOUT_KEEP_ALIVE: int = Field(5, gt=0)
+    FORWARDED_ALLOW_IPS: CommaList = []
 
 
 raw = {name: os.environ[name].strip() for name in Environment.model_fields if os.environ.get(name, "").strip()}
@@ -670,9 +675,12 @@ async def health(request: HttpRequest) -> HttpResponseBase:
     return JsonResponse(HEALTH)
 
 
-async def not_found(request: HttpRequest) -> HttpResponseBase:
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponseBase:
     """JSON for unknown paths, instead of Django's HTML page (which DEBUG would also show)."""
     return json_error(404, f"No endpoint at {request.path}; use POST /assistant or GET /health")
+
+
+handler404 = not_found  # for targets no route can match, such as `OPTIONS *`
 
 
 urlpatterns = [
@@ -744,7 +752,9 @@ def main() -> None:
         uvicorn_command = ["-m", "uvicorn", f"{here.stem}:application", "--app-dir", str(here.parent), "--reload"]
         where = ["--reload-dir", str(here.parent), "--host", host, "--port", port]
         os.execv(sys.executable, [sys.executable, *uvicorn_command, *where, "--log-level", settings.LOG_LEVEL.lower()])
-    uvicorn.run(application, host=host, port=int(port), log_level=settings.LOG_LEVEL.lower())
+    limits = {"limit_concurrency": settings.LIMIT_CONCURRENCY, "timeout_keep_alive": settings.TIMEOUT_KEEP_ALIVE}
+    proxies = {"proxy_headers": bool(settings.FORWARDED_ALLOW_IPS), "forwarded_allow_ips": settings.FORWARDED_ALLOW_IPS}
+    uvicorn.run(application, host=host, port=int(port), log_level=settings.LOG_LEVEL.lower(), **limits, **proxies)
 
 
 if __name__ == "__main__":

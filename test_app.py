@@ -43,6 +43,9 @@ SETTINGS = [
     "OPENAI_BASE_URL",
     "OPENAI_TIMEOUT",
     "OPENAI_MAX_RETRIES",
+    "LIMIT_CONCURRENCY",
+    "TIMEOUT_KEEP_ALIVE",
+    "FORWARDED_ALLOW_IPS",
 ]
 os.environ.update(dict.fromkeys(SETTINGS, ""))
 import app  # noqa: E402
@@ -692,6 +695,19 @@ def test_schema_errors_list_a_few_dozen_problems_and_count_them(client: httpx.Cl
     assert len(response.content) < 5000, "the refusal must not grow with the request"
 
 
+def test_a_target_no_route_can_match_gets_the_json_404(server: Server) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404")
+    assert b"content-type: application/json" in head.lower()
+    assert b"No endpoint at *" in body
+
+
 def test_schema_errors_name_each_problem(client: httpx.Client) -> None:
     message = {"role": "user", "parts": [{"type": "image"}]}
     body = {"commands": [{"type": "add-message", "message": message}], "tools": 1}
@@ -795,15 +811,18 @@ def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def app_process(command: list[str], host: str = "127.0.0.1", **env: str) -> Iterator[httpx.Client]:
+def app_process(
+    command: list[str], host: str = "127.0.0.1", log: Path | None = None, **env: str
+) -> Iterator[httpx.Client]:
     """Start the app as a user would ("{port}" in the command is a free port), and wait until it answers."""
     port = free_port()
+    output = log.open("w") if log else subprocess.DEVNULL  # uvicorn logs access to stdout, the rest to stderr
     process = subprocess.Popen(
         [sys.executable, *(part.format(port=port) for part in command)],
         cwd=HERE,
         env={**os.environ, "PORT": str(port), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
     )
     try:
         with httpx.Client(base_url=f"http://{host}:{port}", timeout=10) as http:
@@ -899,6 +918,24 @@ def test_startup_logs_what_is_active_and_no_secret() -> None:
     assert "Agent: openai, model gpt-4o-mini; data-stream; CORS_ORIGINS=http://localhost:5173; " in line
     assert "ALLOWED_HOSTS=localhost,127.0.0.1,[::1]" in line
     assert "sk-secret" not in line
+
+
+@pytest.mark.parametrize(("trusted", "logged"), [("", "127.0.0.1"), ("127.0.0.1", "203.0.113.9")])
+def test_x_forwarded_for_is_believed_only_from_the_proxies_named(tmp_path: Path, trusted: str, logged: str) -> None:
+    log = tmp_path / "app.log"
+    with app_process(["app.py"], log=log, FORWARDED_ALLOW_IPS=trusted) as http:
+        http.get("/health", headers={"X-Forwarded-For": "203.0.113.9"})
+    access = [line for line in log.read_text().splitlines() if '"GET /health' in line]
+    assert access[-1].split()[1].startswith(f"{logged}:"), access[-1]
+
+
+def test_python_app_py_answers_503_past_its_concurrency_limit() -> None:
+    with app_process(["app.py"], LIMIT_CONCURRENCY="3", MOCK_DELAY="0.5") as http:
+        body = {"commands": [user_says("one two three four five six")]}
+        with http.stream("POST", "/assistant", json=body) as first, http.stream("POST", "/assistant", json=body):
+            reader = first.iter_raw()
+            next(reader)  # two streams open, and the one connection the test client keeps for itself
+            assert http.get("/health").status_code == 503
 
 
 def test_app_py_doubles_as_manage_py() -> None:
@@ -1377,8 +1414,13 @@ def test_a_hung_model_server_is_reported_within_the_timeout_setting(
 ) -> None:
     fake, running = fake_openai_server
     fake.requests, fake.script = [], [Completion(head_delay=3), Completion(head_delay=3)]
-    env = {"OPENAI_API_KEY": "sk-env", "OPENAI_BASE_URL": f"{running.url}/v1", "OPENAI_TIMEOUT": "0.5"}
-    with app_process(["app.py"], **env, OPENAI_MAX_RETRIES="1") as http:
+    with app_process(
+        ["app.py"],
+        OPENAI_API_KEY="sk-env",
+        OPENAI_BASE_URL=f"{running.url}/v1",
+        OPENAI_TIMEOUT="0.5",
+        OPENAI_MAX_RETRIES="1",
+    ) as http:
         started = time.monotonic()
         reply = send(http, {"commands": [user_says("hello")], "state": None})
         elapsed = time.monotonic() - started
