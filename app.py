@@ -134,7 +134,8 @@ class UserMessage(BaseModel):
     """The message an add-message command carries: the user's text and images."""
 
     role: Literal["user"]
-    parts: list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+    # A cap far above what a message holds lets Pydantic stop at once on a body of a million parts.
+    parts: list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] = Field(max_length=100)
 
 
 class AddMessage(BaseModel):
@@ -193,7 +194,7 @@ class StateMessage(BaseModel):
     type: str
     id: str | None = None
     content: JsonValue  # text or content blocks; a tool message's result, as the frontend sent it
-    tool_calls: list[ToolCall] = []
+    tool_calls: list[ToolCall] = Field([], max_length=100)
     tool_call_id: str | None = None
 
 

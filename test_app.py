@@ -687,12 +687,19 @@ def test_a_bad_host_logs_which_setting_to_change(client: httpx.Client, caplog: p
 
 
 def test_schema_errors_list_a_few_dozen_problems_and_count_them(client: httpx.Client) -> None:
-    message = {"role": "user", "parts": [{"type": "image"}] * 5000}
-    response = client.post("/assistant", json={"commands": [{"type": "add-message", "message": message}]})
+    state = {"messages": [{"role": "robot"}] * 5000}  # each lacks its type and content
+    response = client.post("/assistant", json={"commands": [], "state": state})
     assert response.status_code == 400
-    assert "5000 problem(s), the first 20 listed" in response.json()["error"]
+    assert "10000 problem(s), the first 20 listed" in response.json()["error"]
     assert len(response.json()["details"]) == 20
     assert len(response.content) < 5000, "the refusal must not grow with the request"
+
+
+def test_a_message_of_half_a_million_parts_is_refused_at_once(client: httpx.Client) -> None:
+    message = {"role": "user", "parts": [{"type": "image"}] * 500_000}  # 8.5 MB, under the size limit
+    response = client.post("/assistant", json={"commands": [{"type": "add-message", "message": message}]})
+    assert response.status_code == 400
+    assert [problem["type"] for problem in response.json()["details"]] == ["too_long"]
 
 
 def test_a_target_no_route_can_match_gets_the_json_404(server: Server) -> None:
