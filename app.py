@@ -431,8 +431,11 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], b
         await backlog.wrote(written)  # a client that stops reading stops the model being read
     for position in calls.values():
         call = messages[at]["tool_calls"][position]
-        args = json.loads(call["partial_json"] or "{}")
-        if problem := undecodable(args) if isinstance(args, dict) else "no JSON object":
+        try:
+            args = json.loads(call["partial_json"] or "{}")
+        except ValueError:  # cut off, or not JSON: small local models write such arguments
+            args = None
+        if problem := (undecodable(args) if isinstance(args, dict) else "no JSON object"):
             raise ModelError(f"The arguments for {call['name']} hold {problem}")
         call["args"] = args
 

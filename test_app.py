@@ -1282,6 +1282,7 @@ def keys_and_numbers(value: Json) -> Iterator[Json]:
         ('{"zoom": 1e400}', "the number inf"),
         ('{"__proto__": {"admin": true}}', "the key '__proto__'"),
         ("[1, 2]", "no JSON object"),
+        ('{"zoom": ', "no JSON object"),
     ],
 )
 def test_tool_arguments_the_client_cannot_decode_are_refused(
