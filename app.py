@@ -111,7 +111,7 @@ settings.configure(
     LOGGING_CONFIG=None,  # logging is configured above, once
 )
 # The wire format's encoder. Encoders keep no state, so one serves every request.
-ENCODER = AssistantTransportEncoder() if env.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
+ENCODER = AssistantTransportEncoder() if settings.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
 
 # --- Request models: what useAssistantTransportRuntime sends ---------------------------
 
@@ -748,17 +748,23 @@ def main() -> None:
     options = parser.parse_args(sys.argv[2:])
     if not (address := naiveip_re.match(options.addrport)):
         parser.error(f"{options.addrport!r} is not a port or an address:port")
-    host, port = (address["addr"] or settings.HOST).strip("[]"), address["port"]
+    # One set of serving options, for uvicorn.run and, when reloading, for uvicorn's command line.
+    serving: dict[str, Any] = {
+        "host": (address["addr"] or settings.HOST).strip("[]"),
+        "port": int(address["port"]),
+        "log_level": settings.LOG_LEVEL.lower(),
+        "limit_concurrency": settings.LIMIT_CONCURRENCY,
+        "timeout_keep_alive": settings.TIMEOUT_KEEP_ALIVE,
+        "forwarded_allow_ips": ",".join(settings.FORWARDED_ALLOW_IPS),  # empty: no proxy is believed
+    }
     if command == ["runserver"] and not options.noreload:
         # uvicorn's reloader serves the app from a child process that imports this file by name, so it
         # starts from uvicorn's own command line: that way nothing imports this file twice.
         here = Path(__file__).resolve()
         uvicorn_command = ["-m", "uvicorn", f"{here.stem}:application", "--app-dir", str(here.parent), "--reload"]
-        where = ["--reload-dir", str(here.parent), "--host", host, "--port", port]
-        os.execv(sys.executable, [sys.executable, *uvicorn_command, *where, "--log-level", settings.LOG_LEVEL.lower()])
-    limits = {"limit_concurrency": settings.LIMIT_CONCURRENCY, "timeout_keep_alive": settings.TIMEOUT_KEEP_ALIVE}
-    proxies = {"proxy_headers": bool(settings.FORWARDED_ALLOW_IPS), "forwarded_allow_ips": settings.FORWARDED_ALLOW_IPS}
-    uvicorn.run(application, host=host, port=int(port), log_level=settings.LOG_LEVEL.lower(), **limits, **proxies)
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in serving.items()]
+        os.execv(sys.executable, [sys.executable, *uvicorn_command, f"--reload-dir={here.parent}", *flags])
+    uvicorn.run(application, **serving)
 
 
 if __name__ == "__main__":

@@ -819,15 +819,18 @@ def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def app_process(
-    command: list[str], host: str = "127.0.0.1", log: Path | None = None, **env: str
+    command: list[str], host: str = "127.0.0.1", log: Path | None = None, **env: str | None
 ) -> Iterator[httpx.Client]:
-    """Start the app as a user would ("{port}" in the command is a free port), and wait until it answers."""
+    """Start the app as a user would ("{port}" in the command is a free port), and wait until it answers.
+
+    A setting given as None is left out of the environment altogether, as on a machine that never set it.
+    """
     port = free_port()
     output = log.open("w") if log else subprocess.DEVNULL  # uvicorn logs access to stdout, the rest to stderr
     process = subprocess.Popen(
         [sys.executable, *(part.format(port=port) for part in command)],
         cwd=HERE,
-        env={**os.environ, "PORT": str(port), **env},
+        env={key: value for key, value in {**os.environ, "PORT": str(port), **env}.items() if value is not None},
         stdout=output,
         stderr=output,
     )
@@ -927,17 +930,21 @@ def test_startup_logs_what_is_active_and_no_secret() -> None:
     assert "sk-secret" not in line
 
 
-@pytest.mark.parametrize(("trusted", "logged"), [("", "127.0.0.1"), ("127.0.0.1", "203.0.113.9")])
-def test_x_forwarded_for_is_believed_only_from_the_proxies_named(tmp_path: Path, trusted: str, logged: str) -> None:
+@pytest.mark.parametrize("command", [["app.py"], ["app.py", "runserver"]], ids=["python-app", "runserver"])
+@pytest.mark.parametrize(("trusted", "logged"), [(None, "127.0.0.1"), ("", "127.0.0.1"), ("127.0.0.1", "203.0.113.9")])
+def test_x_forwarded_for_is_believed_only_from_the_proxies_named(
+    tmp_path: Path, command: list[str], trusted: str | None, logged: str
+) -> None:
     log = tmp_path / "app.log"
-    with app_process(["app.py"], log=log, FORWARDED_ALLOW_IPS=trusted) as http:
+    with app_process(command, log=log, FORWARDED_ALLOW_IPS=trusted) as http:
         http.get("/health", headers={"X-Forwarded-For": "203.0.113.9"})
     access = [line for line in log.read_text().splitlines() if '"GET /health' in line]
     assert access[-1].split()[1].startswith(f"{logged}:"), access[-1]
 
 
-def test_python_app_py_answers_503_past_its_concurrency_limit() -> None:
-    with app_process(["app.py"], LIMIT_CONCURRENCY="3", MOCK_DELAY="0.5") as http:
+@pytest.mark.parametrize("command", [["app.py"], ["app.py", "runserver"]], ids=["python-app", "runserver"])
+def test_the_server_answers_503_past_its_concurrency_limit(command: list[str]) -> None:
+    with app_process(command, LIMIT_CONCURRENCY="3", MOCK_DELAY="0.5") as http:
         body = {"commands": [user_says("one two three four five six")]}
         with http.stream("POST", "/assistant", json=body) as first, http.stream("POST", "/assistant", json=body):
             reader = first.iter_raw()
