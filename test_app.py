@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -888,7 +888,10 @@ def test_runserver_reloads_a_changed_file_and_survives_a_syntax_error(tmp_path: 
     copy.write_text(source)
 
     def serves(http: httpx.Client, expected: str) -> bool:
-        return answers(http) and http.get("/health").json()["version"] == expected
+        try:  # one request: a reload may restart the server between any two
+            return bool(http.get("/health").json()["version"] == expected)
+        except httpx.TransportError:
+            return False
 
     with app_process([str(copy), "runserver", "{port}"]) as http:
         assert serves(http, app.__version__)
@@ -944,12 +947,15 @@ def test_x_forwarded_for_is_believed_only_from_the_proxies_named(
 
 @pytest.mark.parametrize("command", [["app.py"], ["app.py", "runserver"]], ids=["python-app", "runserver"])
 def test_the_server_answers_503_past_its_concurrency_limit(command: list[str]) -> None:
-    with app_process(command, LIMIT_CONCURRENCY="3", MOCK_DELAY="0.5") as http:
-        body = {"commands": [user_says("one two three four five six")]}
-        with http.stream("POST", "/assistant", json=body) as first, http.stream("POST", "/assistant", json=body):
-            reader = first.iter_raw()
-            next(reader)  # two streams open, and the one connection the test client keeps for itself
-            assert http.get("/health").status_code == 503
+    body = {"commands": [user_says("one two three four five six")]}
+    with app_process(command, LIMIT_CONCURRENCY="3", MOCK_DELAY="0.5") as http, ExitStack() as open_streams:
+        # The limit counts connections, the test client's idle ones included, so which request is the
+        # first past it depends on the client's pool; four streams are past it whichever it is.
+        statuses = [
+            open_streams.enter_context(http.stream("POST", "/assistant", json=body)).status_code for _ in range(4)
+        ]
+    assert statuses[0] == 200
+    assert 503 in statuses
 
 
 def test_app_py_doubles_as_manage_py() -> None:
