@@ -2,7 +2,8 @@
 
 Only the framework differs: FastAPI parses and validates the body, Starlette's middleware does
 CORS and the Host check, and Starlette's StreamingResponse sends the stream. The run below is
-app.py's view, step for step, built from the functions app.py defines.
+app.py's view for the turns the benchmarks send (a new thread, or messages added to one), built
+from the functions app.py defines; it leaves out the view's edit case and its error frames.
 """
 
 from typing import Any
