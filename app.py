@@ -9,11 +9,14 @@ Usage:
     python app.py runserver      # the same, reloading when app.py changes; [addr:]port, --noreload
     uvicorn app:application      # the same app, with uvicorn's own options (--workers, ...)
     python app.py check          # any other Django management command
+
+Your own Python functions can serve the model too: see "Server tools" below.
 """
 
 import argparse
 import asyncio
 import gc
+import inspect
 import json
 import logging
 import math
@@ -24,11 +27,13 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, available_timezones
 
 import uvicorn
-from asgiref.sync import ThreadSensitiveContext
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from assistant_stream import RunController, create_run
 from assistant_stream.assistant_stream_chunk import UpdateStateChunk
 from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
@@ -47,6 +52,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.decorators import async_only_middleware
 from dotenv import load_dotenv
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError
+from pydantic_core import to_jsonable_python
 
 try:
     import openai
@@ -82,6 +88,9 @@ class Environment(BaseModel):
     # own 600 s and 2 retries let a hung model server keep a user waiting half an hour.
     OPENAI_TIMEOUT: float = Field(30, gt=0)
     OPENAI_MAX_RETRIES: int = Field(1, ge=0, le=10)
+    # Model calls one request may make while server tools answer, and seconds one server tool may take.
+    MAX_MODEL_STEPS: int = Field(5, ge=1, le=100)
+    TOOL_TIMEOUT: float = Field(30, gt=0)
     MAX_REQUEST_BYTES: int = Field(10 * 1024 * 1024, gt=0)
     # For `python app.py`: connections served at once (past it, 503), seconds an idle connection is
     # kept, and the proxies whose X-Forwarded-For is believed (none, unless you name yours).
@@ -296,6 +305,12 @@ class UnknownToolCallError(LookupError):
     """An add-tool-result names a tool call that no ai message in the thread holds."""
 
 
+def tool_message(call: Message, result: JsonValue, failed: bool) -> Message:
+    """The tool message answering a call, holding the result as the tool gave it, so its UI reads it back."""
+    message = {"id": uuid.uuid4().hex, "type": "tool", "tool_call_id": call["id"], "name": call["name"]}
+    return message | {"content": result, "status": "error" if failed else "success"}
+
+
 def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResult | CustomCommand]) -> list[Message]:
     """The thread after every command, in order; the messages the client sent are not changed."""
     thread = list(sent)
@@ -323,10 +338,7 @@ def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResul
             calls = {call["id"]: call for message in thread for call in message.get("tool_calls", [])}
             if command.toolCallId not in calls:
                 raise UnknownToolCallError(command.toolCallId)
-            message: Message = {"id": uuid.uuid4().hex, "type": "tool", "tool_call_id": command.toolCallId}
-            # The result as sent, so the frontend's tool UI reads back exactly what its tool returned.
-            message |= {"name": calls[command.toolCallId]["name"], "content": command.result}
-            message["status"] = "error" if command.isError else "success"
+            message = tool_message(calls[command.toolCallId], command.result, command.isError)
             extras = {"artifact": command.artifact, "model_content": command.modelContent}
             message |= {key: value for key, value in extras.items() if value is not None}
             earlier = [i for i, existing in enumerate(thread) if existing.get("tool_call_id") == command.toolCallId]
@@ -404,7 +416,8 @@ class Backlog:
 async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], backlog: Backlog) -> None:
     """Write a model's streamed chunks into a new ai message, piece by piece as they arrive."""
     # Every string starts empty and grows by append-text, the only way the client's strict decoder
-    # lets a string grow; a call's args are set once its partial_json is complete.
+    # lets a string grow; a call's args are set once its partial_json is complete. Reasoning goes
+    # where convertLangChainMessages shows a reasoning part, and never back to the model.
     messages = controller.state["messages"]
     messages.append({"id": uuid.uuid4().hex, "type": "ai", "content": "", "tool_calls": []})
     at = len(messages) - 1
@@ -413,6 +426,14 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], b
     async for chunk in chunks:
         delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
         written = 0
+        if reasoning := delta.get("reasoning_content") or delta.get("reasoning"):  # vLLM, DeepSeek; Ollama, OpenRouter
+            if "additional_kwargs" not in messages[at]:
+                summary = {"type": "reasoning", "summary": [{"type": "summary_text", "text": ""}]}
+                messages[at]["additional_kwargs"] = {"reasoning": summary}
+            controller.append_state_text(
+                ["messages", at, "additional_kwargs", "reasoning", "summary", 0, "text"], reasoning
+            )
+            written += len(reasoning)
         if delta.get("content"):
             controller.append_state_text(["messages", at, "content"], delta["content"])
             written += len(delta["content"])
@@ -453,15 +474,89 @@ def text_of(content: JsonValue) -> str:
     return "".join(str(block["text"]) for block in blocks if isinstance(block, dict) and block.get("type") == "text")
 
 
+# --- Server tools: your Python functions, which the model may call; they run here ----------------
+# To add one: a Pydantic model of its arguments (its docstring is the description the model reads),
+# a function taking that model, sync or async, that returns anything JSON can hold, and an entry in
+# SERVER_TOOLS. A sync function runs in a worker thread (sync_to_async), so Django ORM code works in
+# it as in a sync view. What a tool raises, and a tool past TOOL_TIMEOUT, become an error result.
+
+
+class CurrentTime(BaseModel):
+    """Get the current date and time in a time zone."""
+
+    timezone: str = Field(description="An IANA time zone name, such as Asia/Tokyo or Europe/Paris")
+
+
+def get_current_time(arguments: CurrentTime) -> dict[str, str]:
+    """The date and time now in a time zone; a zone that does not exist is an answer the model can act on."""
+    try:
+        now = datetime.now(ZoneInfo(arguments.timezone))
+    except (ValueError, KeyError):  # no such zone, or not a zone's name at all
+        return {"error": f"There is no time zone {arguments.timezone!r}; use an IANA name such as Asia/Tokyo"}
+    return {"timezone": arguments.timezone, "time": now.isoformat(timespec="seconds"), "weekday": now.strftime("%A")}
+
+
+SERVER_TOOLS: dict[str, tuple[type[BaseModel], Callable[[Any], Any]]] = {
+    "get_current_time": (CurrentTime, get_current_time),
+}
+# Their own threads: a sync tool that hangs must not take the threads the event loop resolves host names in.
+TOOL_THREADS = ThreadPoolExecutor(thread_name_prefix="server-tool")
+shadowed: set[str] = set()  # frontend tools a server tool's name has hidden, logged once each
+
+
 def enabled_tools(request: AssistantRequest) -> dict[str, ToolDefinition]:
-    """The frontend's tools the model may call: the ones it sent, less the disabled ones."""
-    return {name: tool for name, tool in (request.tools or {}).items() if not tool.disabled}
+    """The frontend's tools the model may call: the ones it sent, less disabled ones and server tools' names."""
+    tools = {name: tool for name, tool in (request.tools or {}).items() if not tool.disabled}
+    for name in tools.keys() & SERVER_TOOLS.keys() - shadowed:
+        logger.warning("The frontend's tool %r is hidden by the server tool of the same name", name)
+        shadowed.add(name)
+    return {name: tool for name, tool in tools.items() if name not in SERVER_TOOLS}
+
+
+def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> object:
+    """Call a sync tool with the database housekeeping Django does around a sync request."""
+    close_old_connections()
+    try:
+        return function(arguments)
+    finally:
+        close_old_connections()
+
+
+async def call_server_tool(call: Message) -> tuple[JsonValue, bool]:
+    """A server tool's result, and whether it failed: what it raised, or that it ran out of time."""
+    arguments_model, function = SERVER_TOOLS[call["name"]]
+    try:
+        arguments = arguments_model.model_validate(call["args"])
+        if inspect.iscoroutinefunction(function):
+            running = function(arguments)
+        else:
+            running = sync_to_async(run_sync_tool, thread_sensitive=False, executor=TOOL_THREADS)(function, arguments)
+        result = to_jsonable_python(await asyncio.wait_for(running, settings.TOOL_TIMEOUT))
+    except TimeoutError:  # an async tool is cancelled; a sync one cannot be, and finishes unheard
+        logger.warning("Server tool %s passed TOOL_TIMEOUT", call["name"])
+        return f"{call['name']} did not finish within TOOL_TIMEOUT ({settings.TOOL_TIMEOUT:g} seconds)", True
+    except Exception as error:
+        logger.exception("Server tool %s failed", call["name"])
+        return f"{call['name']} failed: {type(error).__name__}: {error}", True
+    if problem := undecodable(result):
+        return f"{call['name']} answered with {problem}, which the client cannot decode", True
+    return result, False
+
+
+async def run_server_tools(controller: RunController, reply: Message) -> None:
+    """Run the server tools a reply calls, side by side, and answer each call with a tool message."""
+    calls = [call for call in reply["tool_calls"] if call["name"] in SERVER_TOOLS]
+    results = await asyncio.gather(*(call_server_tool(call) for call in calls))
+    controller.state["messages"].extend(
+        tool_message(call, *result) for call, result in zip(calls, results, strict=True)
+    )
 
 
 # --- The agents: a scripted mock, or an OpenAI model. Both stream chat.completion.chunk dicts, ---
 # --- so one writer (write_reply) puts either into the state. ------------------------------------
 
 WEATHER_QUESTION = re.compile(r"\bweather\b", re.IGNORECASE)
+TIME_QUESTION = re.compile(r"\btime\b", re.IGNORECASE)
 # A place is the capitalised words after "in", "for" or "at": "in San Francisco today?".
 PLACE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]{0,40}(?:\s+[A-Z][\w'-]{0,40}){0,3})")
 MOCK_QUOTE = 500  # characters of the user's text (or a tool result) the mock repeats
@@ -473,9 +568,9 @@ def shorten(text: str) -> str:
 
 
 async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
-    """A scripted model: echo the user, call get_weather when asked about the weather, use its result."""
+    """A scripted model: echo the user; asked the weather or the time, think, call the tool, then use its result."""
     last = thread[-1]
-    deltas: list[dict[str, Any]] = []
+    thought, asks = "", []  # asks: what the user asks about, the tool that knows, and its arguments
     if last["type"] == "tool":
         verb = "failed" if last.get("status") == "error" else "answered"
         reply = f"{last.get('name', 'The tool')} {verb}: {shorten(as_text(last['content']))}"
@@ -483,14 +578,25 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
         said = text_of(last["content"])
         images = sum(block.get("type") == "image_url" for block in last["content"] if isinstance(block, dict))
         reply = f'You said: "{shorten(said)}"' + (f" and sent {images} image(s)." if images else ".")
+        place = match.group(1) if (match := PLACE.search(said)) else None
         if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in enabled_tools(request)):
-            place = match.group(1) if (match := PLACE.search(said)) else "San Francisco"
-            reply += f" Let me check the weather in {place}."
-            call = {"index": 0, "id": f"call_{uuid.uuid4().hex}", "type": "function"}
-            deltas.append({"tool_calls": [{**call, "function": {"name": "get_weather", "arguments": ""}}]})
-            arguments = re.findall(r"\s*\S+", json.dumps({"location": place}))
-            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in arguments]
-    deltas[:0] = [{"content": word} for word in re.findall(r"\s*\S+", reply)]
+            asks.append(("weather", "get_weather", {"location": place or "San Francisco"}))
+        if TIME_QUESTION.search(said):  # get_current_time is a server tool: this backend runs it
+            # The zone named after the place, as Asia/Tokyo is; a place without one is passed as it is.
+            named = (zone for zone in sorted(available_timezones()) if zone.endswith(f"/{place}".replace(" ", "_")))
+            asks.append(("time", "get_current_time", {"timezone": next(named, place or "UTC")}))
+        if asks:
+            topics, where = " and the ".join(ask[0] for ask in asks), place or next(iter(asks[0][2].values()))
+            reply += f" Let me check the {topics} in {where}."
+            thought = f"The user asks for the {topics} in {where}; {' and '.join(ask[1] for ask in asks)} can tell."
+    # In the order a model streams them: its reasoning, its text, then each tool call in pieces.
+    deltas: list[dict[str, Any]] = [{"reasoning_content": word} for word in re.findall(r"\s*\S+", thought)]
+    deltas += [{"content": word} for word in re.findall(r"\s*\S+", reply)]
+    for index, (_, name, arguments) in enumerate(asks):
+        call = {"index": index, "id": f"call_{uuid.uuid4().hex}", "type": "function"}
+        deltas.append({"tool_calls": [{**call, "function": {"name": name, "arguments": ""}}]})
+        pieces = re.findall(r"\s*\S+", json.dumps(arguments))
+        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
     for delta in deltas:
         await asyncio.sleep(settings.MOCK_DELAY)
         yield {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
@@ -539,14 +645,16 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
 
 
 async def openai_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
-    """Stream a chat completion with the frontend's tools, as the plain chunks the server sends."""
+    """Stream a chat completion with the frontend's and the server's tools, as the plain chunks the server sends."""
     assert model_client is not None, "openai_agent runs only when OPENAI_API_KEY is set"
     options: dict[str, Any] = request.callSettings.model_dump(exclude_none=True) if request.callSettings else {}
-    if tools := enabled_tools(request):
-        options["tools"] = [
-            {"type": "function", "function": {"name": name, **tool.model_dump(exclude={"disabled"}, exclude_none=True)}}
-            for name, tool in tools.items()
-        ]
+    frontend_tools = [
+        {"type": "function", "function": {"name": name, **tool.model_dump(exclude={"disabled"}, exclude_none=True)}}
+        for name, tool in enabled_tools(request).items()
+    ]
+    server_tools = [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
+    if tools := [*frontend_tools, *server_tools]:
+        options["tools"] = tools
     # The raw lines, not the SDK's typed chunks: building those objects costs about 70 µs a chunk,
     # and reading the lines relays 5x the tokens per core (bench/tokens.py). The client still brings
     # auth, retries, timeouts and typed errors, and leaving the block closes the upstream request.
@@ -641,8 +749,15 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
                 controller.state["messages"].extend(thread[len(sent) :])
             else:
                 controller.state["messages"] = thread
-            if reply_awaited(thread):
-                await write_reply(controller, run_agent(thread, body), backlog)
+            # A step at a time: the model answers; server tools it called run here and answer it, and it
+            # is asked again, until it answers in text or calls a frontend tool (the browser runs that).
+            for step in range(settings.MAX_MODEL_STEPS + 1):
+                if not reply_awaited(messages := list(controller.state["messages"])):
+                    return
+                if step == settings.MAX_MODEL_STEPS:
+                    raise ModelError(f"The model still called tools after {step} steps (MAX_MODEL_STEPS)")
+                await write_reply(controller, run_agent(messages, body), backlog)
+                await run_server_tools(controller, controller.state["messages"][-1])
         except asyncio.CancelledError:
             logger.info("Client disconnected; run stopped")
             raise
@@ -650,6 +765,11 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
             # create_run would re-raise after its error frame and cut the response short;
             # ending normally keeps the stream (and the user's message in the state) intact.
             logger.exception("Run failed")
+            # The failed step's ai message shows the error where its reply would have been.
+            added = list(controller.state["messages"])[len(thread) :]
+            if steps := [at for at, message in enumerate(added, len(thread)) if message["type"] == "ai"]:
+                failure = {"type": "incomplete", "reason": "error", "error": describe(error)}
+                controller.state["messages"][steps[-1]]["status"] = failure
             controller.add_error(describe(error))
 
     stream = ENCODER.encode_stream(backlog.taking(create_run(run, state=state)))

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import uvicorn
 from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
 from django.conf import settings
 from django.core.signals import request_finished, request_started
+from pydantic import BaseModel
 
 # Hermetic settings: a developer's .env never overrides a variable that is already set,
 # and an empty one means "use the default".
@@ -43,6 +45,8 @@ SETTINGS = [
     "OPENAI_BASE_URL",
     "OPENAI_TIMEOUT",
     "OPENAI_MAX_RETRIES",
+    "MAX_MODEL_STEPS",
+    "TOOL_TIMEOUT",
     "LIMIT_CONCURRENCY",
     "TIMEOUT_KEEP_ALIVE",
     "FORWARDED_ALLOW_IPS",
@@ -1208,17 +1212,42 @@ def test_enabled_tools_are_offered_with_their_schemas(client: httpx.Client, fake
         "delete_all": {"description": "Dangerous", "parameters": {"type": "object"}, "disabled": True},
     }
     chat(client, None, user_says("hi"), tools=tools)
+    assert fake_openai.requests[0]["tools"][0] == {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather for a place", "parameters": schema},
+    }
+    assert [tool["function"]["name"] for tool in fake_openai.requests[0]["tools"]] == [
+        "get_weather",
+        "get_current_time",
+    ], "the disabled tool is left out; the server's own tools come after the frontend's"
+
+
+def test_server_tools_are_offered_with_their_pydantic_schema(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    chat(client, None, user_says("hi"))
     assert fake_openai.requests[0]["tools"] == [
         {
             "type": "function",
-            "function": {"name": "get_weather", "description": "Weather for a place", "parameters": schema},
+            "function": {
+                "name": "get_current_time",
+                "description": "Get the current date and time in a time zone.",
+                "strict": True,
+                "parameters": {
+                    "type": "object",
+                    "title": "CurrentTime",
+                    "description": "Get the current date and time in a time zone.",
+                    "properties": {
+                        "timezone": {
+                            "type": "string",
+                            "title": "Timezone",
+                            "description": "An IANA time zone name, such as Asia/Tokyo or Europe/Paris",
+                        }
+                    },
+                    "required": ["timezone"],
+                    "additionalProperties": False,
+                },
+            },
         }
     ]
-
-
-def test_no_tools_offered_means_no_tools_field(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
-    chat(client, None, user_says("hi"))
-    assert "tools" not in fake_openai.requests[0]
 
 
 def test_tool_call_arguments_stream_in_pieces_and_the_run_stops(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
@@ -1500,3 +1529,306 @@ def test_openai_settings_choose_the_agent(fake_openai_server: tuple[FakeOpenAI, 
     assert reply.messages[1]["content"] == "Hi there"
     assert fake.requests[-1]["model"] == "local-model"
     assert fake.authorizations[-1] == "Bearer sk-env"
+
+
+# --- Server tools: Python the model calls, run in the backend; and reasoning ------------------------
+
+
+class OrderNumber(BaseModel):
+    """Look up an order by its number."""
+
+    number: int
+
+
+@dataclass
+class ToolLog:
+    """What the test's own server tools saw: the calls that started, and those cancelled."""
+
+    started: list[int] = field(default_factory=list)
+    cancelled_at: list[float] = field(default_factory=list)
+
+
+@pytest.fixture
+def tools(monkeypatch: pytest.MonkeyPatch) -> ToolLog:
+    """Server tools declared as a user declares them, beside get_current_time."""
+    log, partner = ToolLog(), asyncio.Event()
+
+    async def lookup_order(arguments: OrderNumber) -> Json:
+        log.started.append(arguments.number)
+        if arguments.number < 100:  # numbers under 100 wait until a second call has started
+            if len(log.started) == 2:
+                partner.set()
+            await partner.wait()
+        return {"order": arguments.number, "state": "shipped"}
+
+    async def slow_order(arguments: OrderNumber) -> Json:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            log.cancelled_at.append(time.monotonic())
+            raise
+        return {"order": arguments.number}
+
+    def sync_order(arguments: OrderNumber) -> Json:
+        time.sleep(arguments.number / 1000)
+        if arguments.number == 13:
+            raise LookupError(f"No order {arguments.number}")
+        return {"order": arguments.number, "thread": threading.current_thread().name}
+
+    for function in (lookup_order, slow_order, sync_order):
+        monkeypatch.setitem(app.SERVER_TOOLS, function.__name__, (OrderNumber, function))
+    return log
+
+
+def order(call_id: str, name: str, number: int) -> tuple[str, str, list[str]]:
+    return call_id, name, ['{"num', f'ber": {number}}}']
+
+
+def test_the_mock_answers_the_time_question_in_one_request(client: httpx.Client, protocol: str) -> None:
+    reply = chat(client, None, user_says("What time is it in Tokyo?"), protocol=protocol)
+    assert reply.kinds == ["human", "ai", "tool", "ai"], "the backend ran the tool and answered, all in one request"
+    asked, answer, closing = reply.messages[1:]
+    assert asked["tool_calls"][0]["args"] == {"timezone": "Asia/Tokyo"}
+    assert answer["name"] == "get_current_time"
+    assert answer["status"] == "success"
+    assert answer["tool_call_id"] == asked["tool_calls"][0]["id"]
+    now_in_tokyo = datetime.fromisoformat(answer["content"]["time"])
+    assert now_in_tokyo.utcoffset() == timedelta(hours=9)
+    assert abs(now_in_tokyo - datetime.now(UTC)) < timedelta(minutes=1)
+    assert closing["content"] == f"get_current_time answered: {json.dumps(answer['content'])}"
+
+
+def test_the_mock_thinks_aloud_in_a_reasoning_part(client: httpx.Client) -> None:
+    reply = chat(client, None, user_says("What time is it in Tokyo?"))
+    reasoning = reply.messages[1]["additional_kwargs"]["reasoning"]
+    assert reasoning["type"] == "reasoning"
+    (summary,) = reasoning["summary"]
+    assert summary["type"] == "summary_text"
+    assert summary["text"] == "The user asks for the time in Tokyo; get_current_time can tell."
+    assert len(appended(reply, "text")) > 5, "the reasoning streams in pieces"
+    assert "additional_kwargs" not in reply.messages[3], "no thinking shown where the model did not think"
+
+
+def test_a_time_zone_that_does_not_exist_is_an_answer_not_a_failure(client: httpx.Client) -> None:
+    reply = chat(client, None, user_says("What time is it in Atlantis?"))
+    assert reply.kinds == ["human", "ai", "tool", "ai"]
+    assert reply.messages[2]["status"] == "success"
+    assert reply.messages[2]["content"] == {
+        "error": "There is no time zone 'Atlantis'; use an IANA name such as Asia/Tokyo"
+    }
+    assert "There is no time zone 'Atlantis'" in reply.messages[3]["content"]
+
+
+def test_the_mock_runs_the_server_tool_and_leaves_the_frontend_tool_to_the_browser(client: httpx.Client) -> None:
+    asked = chat(client, None, user_says("What are the weather and the time in Paris?"))
+    assert asked.kinds == ["human", "ai", "tool"], "the run stops for the browser's tool"
+    weather, time_call = asked.messages[1]["tool_calls"]
+    assert (weather["name"], weather["args"]) == ("get_weather", {"location": "Paris"})
+    assert asked.messages[2]["tool_call_id"] == time_call["id"]
+    assert asked.messages[2]["content"]["timezone"] == "Europe/Paris"
+    answered = chat(client, asked.state, tool_result(weather["id"], {"temperature": 9}))
+    assert answered.kinds == ["human", "ai", "tool", "tool", "ai"]
+    assert answered.messages[-1]["content"] == 'get_weather answered: {"temperature": 9}'
+
+
+def test_server_tool_steps_run_until_the_model_answers_in_text(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [
+        calls_tools(("call_1", "get_current_time", ['{"timezone":', ' "Asia/Tokyo"}'])),
+        calls_tools(("call_2", "get_current_time", ['{"timezone": "Europe/Paris"}'])),
+        says("Tokyo is", " 8 hours ahead of Paris."),
+    ]
+    reply = chat(client, None, user_says("How far ahead of Paris is Tokyo?"))
+    assert reply.kinds == ["human", "ai", "tool", "ai", "tool", "ai"]
+    assert reply.messages[-1]["content"] == "Tokyo is 8 hours ahead of Paris."
+    assert len(fake_openai.requests) == 3, "one request to the backend, three steps of the model"
+    for step, (call_id, zone) in enumerate([("call_1", "Asia/Tokyo"), ("call_2", "Europe/Paris")], start=1):
+        result = next(message for message in reply.messages if message.get("tool_call_id") == call_id)
+        assert (result["status"], result["content"]["timezone"]) == ("success", zone)
+        read = fake_openai.requests[step]["messages"][-1]
+        assert read == {"role": "tool", "tool_call_id": call_id, "content": json.dumps(result["content"])}
+
+
+def test_two_server_tools_in_one_step_run_side_by_side(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each of the two calls waits until the other has started: run one after the other, the first times out.
+    monkeypatch.setattr(settings, "TOOL_TIMEOUT", 2)
+    fake_openai.script = [
+        calls_tools(order("call_a", "lookup_order", 7), order("call_b", "lookup_order", 8)),
+        says("Both shipped."),
+    ]
+    reply = chat(client, None, user_says("Where are orders 7 and 8?"))
+    assert sorted(tools.started) == [7, 8]
+    assert reply.kinds == ["human", "ai", "tool", "tool", "ai"]
+    assert [(m["tool_call_id"], m["content"]) for m in reply.messages[2:4]] == [
+        ("call_a", {"order": 7, "state": "shipped"}),
+        ("call_b", {"order": 8, "state": "shipped"}),
+    ]
+    assert [m["role"] for m in fake_openai.requests[1]["messages"]] == ["user", "assistant", "tool", "tool"]
+
+
+def test_a_server_tool_and_a_frontend_tool_in_one_step(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [
+        calls_tools(("call_t", "get_current_time", ['{"timezone": "UTC"}']), ("call_w", "get_weather", ["{}"])),
+        says("Noon and sunny."),
+    ]
+    weather = {"get_weather": {"description": "Weather", "parameters": {"type": "object"}}}
+    asked = chat(client, None, user_says("Time and weather?"), tools=weather)
+    assert asked.kinds == ["human", "ai", "tool"], "the server tool ran; the browser's tool is left to the browser"
+    assert asked.messages[2]["tool_call_id"] == "call_t"
+    assert len(fake_openai.requests) == 1, "the model waits for the browser's result"
+    answered = chat(client, asked.state, tool_result("call_w", {"sky": "sunny"}), tools=weather)
+    assert answered.messages[-1]["content"] == "Noon and sunny."
+    assert [m.get("tool_call_id") for m in fake_openai.requests[1]["messages"][-2:]] == ["call_t", "call_w"]
+
+
+def test_a_server_tool_that_raises_gives_the_model_an_error_result(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_openai.script = [calls_tools(order("call_x", "sync_order", 13)), says("There is no order 13.")]
+    reply = chat(client, None, user_says("Where is order 13?"))
+    failed = reply.messages[2]
+    assert (failed["status"], failed["content"]) == ("error", "sync_order failed: LookupError: No order 13")
+    assert fake_openai.requests[1]["messages"][-1]["content"] == "Error: sync_order failed: LookupError: No order 13"
+    assert reply.messages[-1]["content"] == "There is no order 13."
+    assert "Traceback" in caplog.text
+
+
+def test_a_sync_server_tool_runs_off_the_event_loop(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog
+) -> None:
+    fake_openai.script = [calls_tools(order("call_s", "sync_order", 5)), says("Found it.")]
+    reply = chat(client, None, user_says("Where is order 5?"))
+    assert reply.messages[2]["status"] == "success"
+    assert reply.messages[2]["content"]["thread"] != "MainThread"
+    assert not reply.messages[2]["content"]["thread"].startswith("asyncio")
+
+
+@pytest.mark.parametrize("name", ["slow_order", "sync_order"])
+def test_a_server_tool_past_its_time_gives_an_error_result(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setattr(settings, "TOOL_TIMEOUT", 0.2)
+    fake_openai.script = [calls_tools(order("call_s", name, 900)), says("It is taking too long.")]
+    started = time.monotonic()
+    reply = chat(client, None, user_says("Where is order 900?"))
+    assert time.monotonic() - started < 0.9, "the model was kept waiting past the tool's time"
+    failed = reply.messages[2]
+    assert failed["status"] == "error"
+    assert failed["content"] == f"{name} did not finish within TOOL_TIMEOUT (0.2 seconds)"
+    assert reply.messages[-1]["content"] == "It is taking too long."
+    if name == "slow_order":
+        assert len(tools.cancelled_at) == 1, "an async tool past its time is cancelled"
+
+
+def test_the_step_bound_ends_the_run_with_a_readable_error(
+    client: httpx.Client, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "MAX_MODEL_STEPS", 2)
+    fake_openai.script = [calls_tools((f"call_{n}", "get_current_time", ['{"timezone": "UTC"}'])) for n in range(3)]
+    reply = send(client, {"commands": [user_says("Keep asking the time")], "state": None})
+    message = "The model request failed: The model still called tools after 2 steps (MAX_MODEL_STEPS)"
+    assert reply.errors == [message]
+    assert len(fake_openai.requests) == 2
+    assert reply.kinds == ["human", "ai", "tool", "ai", "tool"], "every step so far is kept"
+    assert reply.messages[3]["status"] == {"type": "incomplete", "reason": "error", "error": message}
+    assert "status" not in reply.messages[1]
+    again = chat(client, reply.state, user_says("Just tell me"))
+    assert again.messages[-1]["content"] == "ok", "the conversation goes on"
+
+
+@pytest.mark.parametrize("spelling", ["reasoning_content", "reasoning"])
+def test_reasoning_streams_into_a_reasoning_part_and_never_back_to_the_model(
+    client: httpx.Client, fake_openai: FakeOpenAI, spelling: str
+) -> None:
+    thinking = [{spelling: "The user"}, {spelling: " greets me."}, {spelling: " I greet back."}]
+    fake_openai.script = [Completion([{"role": "assistant", "content": ""}, *thinking, {"content": "Hello!"}])]
+    reply = chat(client, None, user_says("hi"))
+    summary = reply.messages[1]["additional_kwargs"]["reasoning"]["summary"]
+    assert summary == [{"type": "summary_text", "text": "The user greets me. I greet back."}]
+    assert appended(reply, "text") == ["The user", " greets me.", " I greet back."]
+    assert reply.messages[1]["content"] == "Hello!"
+    chat(client, reply.state, user_says("how are you?"))
+    assert fake_openai.requests[1]["messages"][1] == {"role": "assistant", "content": "Hello!"}
+
+
+def test_a_frontend_tool_named_like_a_server_tool_gives_way_and_is_logged_once(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    frontend = {"lookup_order": {"description": "The browser's lookup", "parameters": {"type": "object"}}}
+    fake_openai.script = [calls_tools(order("call_o", "lookup_order", 100)), says("Shipped.")]
+    reply = chat(client, None, user_says("Where is order 100?"), tools=frontend)
+    chat(client, reply.state, user_says("thanks"), tools=frontend)
+    offered = [tool["function"] for tool in fake_openai.requests[0]["tools"]]
+    assert [tool.get("description") for tool in offered if tool["name"] == "lookup_order"] == [
+        "Look up an order by its number."
+    ]
+    assert reply.messages[2]["content"] == {"order": 100, "state": "shipped"}, "the server ran it"
+    assert caplog.text.count("'lookup_order' is hidden by the server tool") == 1
+
+
+def test_disconnect_during_a_server_tool_cancels_it_within_a_second(
+    server: Server, client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog
+) -> None:
+    fake_openai.script = [calls_tools(order("call_s", "slow_order", 1))]
+    baseline = server.task_count()
+    with client.stream("POST", "/assistant", json={"commands": [user_says("Order 1?")], "state": None}) as response:
+        for chunk in response.iter_raw():
+            if b'"args"' in chunk and b'"number": 1' in chunk:
+                break
+    client.close()
+    closed_at = time.monotonic()
+    assert wait_until(lambda: bool(tools.cancelled_at), 2), "the tool ran on after its client left"
+    print(f"disconnect to tool cancelled: {(tools.cancelled_at[0] - closed_at) * 1000:.0f} ms")
+    assert tools.cancelled_at[0] - closed_at < 1
+    assert wait_until(lambda: server.task_count() == baseline, 1), "a task outlived the disconnected stream"
+
+
+def test_model_errors_show_on_the_failed_ai_message(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script = [fails(429, "Rate limit reached for requests")]
+    reply = send(client, {"commands": [user_says("hi")], "state": None})
+    message = "The model server answered 429: Rate limit reached for requests"
+    assert reply.errors == [message]
+    assert reply.messages[1]["status"] == {"type": "incomplete", "reason": "error", "error": message}
+
+
+def test_sync_server_tools_can_use_the_database(tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
+    fake, running = fake_openai_server
+    fake.requests, fake.script = (
+        [],
+        [
+            calls_tools(("call_1", "count_visit", ["{}"])),
+            calls_tools(("call_2", "count_visit", ["{}"])),
+            says("Two visits."),
+        ],
+    )
+    # A project's copy of app.py: a database configured, and a tool that uses it.
+    source = (HERE / "app.py").read_text()
+    database = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "db.sqlite3")}}
+    source = source.replace("    LOGGING_CONFIG=None,", f"    LOGGING_CONFIG=None,\n    DATABASES={database!r},")
+    tool = '''
+class Visit(BaseModel):
+    """Count a visit."""
+
+
+def count_visit(arguments: Visit) -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS visits (at TEXT)")
+        cursor.execute("INSERT INTO visits VALUES (datetime())")
+        return int(cursor.execute("SELECT COUNT(*) FROM visits").fetchone()[0])
+
+
+SERVER_TOOLS["count_visit"] = (Visit, count_visit)
+'''
+    source = source.replace("# Their own threads:", tool + "\n# Their own threads:")
+    copy = tmp_path / "app.py"
+    copy.write_text(source)
+    with app_process([str(copy)], OPENAI_API_KEY="sk-env", OPENAI_BASE_URL=f"{running.url}/v1") as http:
+        reply = chat(http, None, user_says("Count my visits"))
+    assert [(m["status"], m["content"]) for m in reply.messages if m["type"] == "tool"] == [
+        ("success", 1),
+        ("success", 2),
+    ]
+    assert reply.messages[-1]["content"] == "Two visits."
