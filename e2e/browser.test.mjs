@@ -104,6 +104,23 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       assert.deepEqual(await allProblems(), []);
     });
 
+    test("the time question runs the backend's tool: reasoning, then its card with the result, then the sentence", async () => {
+      const posts = () => app.log().match(/"POST \/assistant HTTP\/1.1" 200/g).length;
+      const postsBefore = posts();
+      await send("What time is it in Tokyo?");
+      const card = page.locator(".tool-card", { hasText: 'get_current_time({"timezone": "Asia/Tokyo"}) → {' });
+      await card.waitFor({ timeout: 10_000 });
+      const result = JSON.parse((await card.innerText()).split(" → ")[1]);
+      assert.equal(result.timezone, "Asia/Tokyo");
+      assert.match(result.time, /\+09:00$/);
+      await page.getByText(`get_current_time answered: {"timezone": "Asia/Tokyo", "time": "${result.time}"`).waitFor({ timeout: 10_000 });
+      await page.locator("text=Send").waitFor({ timeout: 5_000 });
+      const reasoning = page.locator(".assistant").last().locator(".reasoning");
+      assert.equal(await reasoning.innerText(), "Reasoning\nThe user asks for the time in Tokyo; get_current_time can tell.");
+      assert.equal(posts() - postsBefore, 1, "the backend ran the tool inside the question's one request");
+      assert.deepEqual(await allProblems(), []);
+    });
+
     test("stop mid-reply stops the backend", async () => {
       const message = `count ${"and on ".repeat(60)}`.trim();
       await send(message);
@@ -121,3 +138,25 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
     });
   });
 }
+
+describe("a model that fails", () => {
+  test("shows its error on the message where the reply would have been", async () => {
+    const pageOrigin = new URL(pageServer.resolvedUrls.local[0]).origin;
+    const nowhere = `http://127.0.0.1:${await freePort()}/v1`;
+    const app = await startApp({ OPENAI_API_KEY: "sk-test", OPENAI_BASE_URL: nowhere, CORS_ORIGINS: pageOrigin });
+    const page = await browser.newPage();
+    try {
+      await page.goto(`${pageOrigin}/?api=${encodeURIComponent(`${app.url}/assistant`)}`);
+      await page.fill("textarea", "hello?");
+      await page.click("text=Send");
+      const error = page.locator(".assistant .message-error");
+      await error.waitFor({ timeout: 10_000 });
+      assert.equal(await error.innerText(), "The model request failed: Connection error.");
+      assert.equal(await page.locator(".user", { hasText: "hello?" }).count(), 1, "the user's message was lost");
+      assert.deepEqual(await page.evaluate(() => window.lastError), ["Error: The model request failed: Connection error."]);
+    } finally {
+      await page.close();
+      await app.stop();
+    }
+  });
+});

@@ -71,6 +71,19 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       assert.equal(answered.state.messages.length, 4, "the tool was called again");
     });
 
+    test("the time question: reasoning, the backend's tool and its result, and the reply, in one stream", async () => {
+      const { state, error } = await converse(null, [userSays("What time is it in Tokyo?")]);
+      assert.equal(error, undefined);
+      assert.deepEqual(state.messages.map((message) => message.type), ["human", "ai", "tool", "ai"]);
+      const [, asked, answer, closing] = state.messages;
+      assert.deepEqual(asked.additional_kwargs.reasoning.summary,
+        [{ type: "summary_text", text: "The user asks for the time in Tokyo; get_current_time can tell." }]);
+      assert.deepEqual(asked.tool_calls[0].args, { timezone: "Asia/Tokyo" });
+      assert.equal(answer.tool_call_id, asked.tool_calls[0].id);
+      assert.match(answer.content.time, /\+09:00$/);
+      assert.ok(closing.content.startsWith(`get_current_time answered: {"timezone": "Asia/Tokyo", "time": "${answer.content.time}"`));
+    });
+
     test("an edit branches the thread", async () => {
       const first = await converse(null, [userSays("one")]);
       const second = await converse(first.state, [userSays("two", { parentId: first.state.messages[1].id })]);
@@ -105,6 +118,17 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
         assert.equal(error, "The model request failed: The model crashed");
         assert.equal(textOf(state.messages[0]), "hi");
         assert.equal(textOf(state.messages[1]), "Partial");
+        assert.deepEqual(state.messages[1].status, { type: "incomplete", reason: "error", error });
+      });
+    });
+
+    test("reasoning a local model streams as `reasoning` becomes the message's reasoning part", async () => {
+      const events = [{ role: "assistant", content: "" }, { reasoning: "Short" }, { reasoning: " question." }, { content: "Hi!" }];
+      await withModel(protocol, events, async (withAModel) => {
+        const { state, error } = await converse(null, [userSays("hi")], withAModel);
+        assert.equal(error, undefined);
+        assert.deepEqual(state.messages[1].additional_kwargs.reasoning.summary, [{ type: "summary_text", text: "Short question." }]);
+        assert.equal(state.messages[1].content, "Hi!");
       });
     });
 

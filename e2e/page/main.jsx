@@ -1,6 +1,7 @@
 // A minimal assistant-ui page for the browser check: the README's MyRuntimeProvider with its
-// get_weather toolkit, and a thread built from primitives.
-import { ComposerPrimitive, MessagePrimitive, ThreadPrimitive } from "@assistant-ui/react";
+// get_weather toolkit, and a thread built from primitives, showing what assistant-ui's own Thread
+// shows: reasoning, a card for tools the page has no UI for (the backend's), and a failed reply.
+import { ComposerPrimitive, ErrorPrimitive, MessagePrimitive, ThreadPrimitive } from "@assistant-ui/react";
 import { createRoot } from "react-dom/client";
 import { MyRuntimeProvider } from "./MyRuntimeProvider.tsx";
 
@@ -12,9 +13,28 @@ const UserMessage = () => (
   </MessagePrimitive.Root>
 );
 
+const Reasoning = ({ text }) => (
+  <details className="reasoning" open>
+    <summary>Reasoning</summary>
+    {text}
+  </details>
+);
+
+const ToolCard = ({ toolName, argsText, result, isError }) => (
+  <div className={isError ? "tool-card failed" : "tool-card"}>
+    {`${toolName}(${argsText})`}
+    {result === undefined ? " …" : ` → ${JSON.stringify(result)}`}
+  </div>
+);
+
 const AssistantMessage = () => (
   <MessagePrimitive.Root className="assistant">
-    <MessagePrimitive.Parts />
+    <MessagePrimitive.Parts components={{ Reasoning, tools: { Fallback: ToolCard } }} />
+    <MessagePrimitive.Error>
+      <ErrorPrimitive.Root className="message-error">
+        <ErrorPrimitive.Message />
+      </ErrorPrimitive.Root>
+    </MessagePrimitive.Error>
   </MessagePrimitive.Root>
 );
 
