@@ -1570,6 +1570,7 @@ def tools(monkeypatch: pytest.MonkeyPatch) -> ToolLog:
         return {"order": arguments.number}
 
     def sync_order(arguments: OrderNumber) -> Json:
+        log.started.append(arguments.number)
         time.sleep(arguments.number / 1000)
         if arguments.number == 13:
             raise LookupError(f"No order {arguments.number}")
@@ -1692,6 +1693,20 @@ def test_a_server_tool_that_raises_gives_the_model_an_error_result(
     assert fake_openai.requests[1]["messages"][-1]["content"] == "Error: sync_order failed: LookupError: No order 13"
     assert reply.messages[-1]["content"] == "There is no order 13."
     assert "Traceback" in caplog.text
+
+
+def test_server_tool_arguments_its_model_refuses_give_an_error_result(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog
+) -> None:
+    fake_openai.script = [calls_tools(("call_x", "sync_order", ['{"number": "seven"}'])), says("Which order?")]
+    reply = chat(client, None, user_says("Where is order seven?"))
+    failed = reply.messages[2]
+    assert failed["status"] == "error"
+    assert failed["content"].startswith(
+        "sync_order failed: ValidationError: 1 validation error for OrderNumber\nnumber"
+    )
+    assert tools.started == [], "the tool never ran on arguments its model refused"
+    assert reply.messages[-1]["content"] == "Which order?"
 
 
 def test_a_sync_server_tool_runs_off_the_event_loop(
