@@ -3,7 +3,7 @@
 Only the framework differs: FastAPI parses and validates the body, Starlette's middleware does
 CORS and the Host check, and Starlette's StreamingResponse sends the stream. The run below is
 app.py's view for the turns the benchmarks send (a new thread, or messages added to one), built
-from the functions app.py defines; it leaves out the view's edit case and its error frames.
+from the functions app.py defines; it leaves out the view's edit case, its step bound and its error frames.
 """
 
 from typing import Any
@@ -41,8 +41,11 @@ async def assistant(body: app.AssistantRequest) -> StreamingResponse:
             controller.state = {"messages": thread}
         else:
             controller.state["messages"].extend(thread[len(sent) :])
-        if app.reply_awaited(thread):
-            await app.write_reply(controller, app.run_agent(thread, body), backlog)
+        for _ in range(app.settings.MAX_MODEL_STEPS):  # the view's steps, without its step-bound error
+            if not app.reply_awaited(messages := list(controller.state["messages"])):
+                return
+            await app.write_reply(controller, app.run_agent(messages, body), backlog)
+            await app.run_server_tools(controller, controller.state["messages"][-1])
 
     stream = app.ENCODER.encode_stream(backlog.taking(create_run(run, state=state)))
     if app.settings.HEARTBEAT_SECONDS:
