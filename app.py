@@ -557,6 +557,7 @@ async def run_server_tools(controller: RunController, reply: Message) -> None:
 
 WEATHER_QUESTION = re.compile(r"\bweather\b", re.IGNORECASE)
 TIME_QUESTION = re.compile(r"\btime\b", re.IGNORECASE)
+TIME_ZONES = sorted(available_timezones())  # read once: listing them reads the time zone database
 # A place is the capitalised words after "in", "for" or "at": "in San Francisco today?".
 PLACE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]{0,40}(?:\s+[A-Z][\w'-]{0,40}){0,3})")
 MOCK_QUOTE = 500  # characters of the user's text (or a tool result) the mock repeats
@@ -583,7 +584,7 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
             asks.append(("weather", "get_weather", {"location": place or "San Francisco"}))
         if TIME_QUESTION.search(said):  # get_current_time is a server tool: this backend runs it
             # The zone named after the place, as Asia/Tokyo is; a place without one is passed as it is.
-            named = (zone for zone in sorted(available_timezones()) if zone.endswith(f"/{place}".replace(" ", "_")))
+            named = (zone for zone in TIME_ZONES if zone.endswith(f"/{place}".replace(" ", "_")))
             asks.append(("time", "get_current_time", {"timezone": next(named, place or "UTC")}))
         if asks:
             topics, where = " and the ".join(ask[0] for ask in asks), place or next(iter(asks[0][2].values()))
@@ -625,7 +626,8 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
             result.append({"role": "user", "content": message["content"]})
         elif message["type"] == "ai" and (text_of(message["content"]) or calls):
             step: dict[str, Any] = {"role": "assistant", "content": text_of(message["content"]) or None}
-            functions = [{"name": call["name"], "arguments": call.get("partial_json") or "{}"} for call in calls]
+            # The parsed args, not partial_json: a step that failed may have left that text cut off.
+            functions = [{"name": call["name"], "arguments": as_text(call.get("args") or {})} for call in calls]
             if calls:
                 step["tool_calls"] = [
                     {"id": call["id"], "type": "function", "function": function}

@@ -1340,6 +1340,19 @@ def test_tool_arguments_the_client_cannot_decode_are_refused(
     assert app.RESERVED_KEYS.isdisjoint(item for item in found if isinstance(item, str))
 
 
+def test_a_conversation_goes_on_after_a_step_with_broken_arguments(
+    client: httpx.Client, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script = [calls_tools(("call_m", "render_map", ['{"zoom": '])), says("Sorry, here it is.")]
+    failed = send(client, {"commands": [user_says("map it")], "state": None})
+    assert failed.errors == ["The model request failed: The arguments for render_map hold no JSON object"]
+    assert failed.messages[1]["status"]["reason"] == "error"
+    again = chat(client, failed.state, user_says("try again"))
+    assert again.messages[-1]["content"] == "Sorry, here it is."
+    call = fake_openai.requests[1]["messages"][1]["tool_calls"][0]["function"]
+    assert call == {"name": "render_map", "arguments": "{}"}, "the model server would refuse the cut-off JSON"
+
+
 def test_call_settings_pass_through(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
     settings_ = {
         "maxTokens": 50,
