@@ -978,6 +978,12 @@ def test_readme_shows_the_runtime_provider_the_browser_check_runs() -> None:
     assert provider in (HERE / "README.md").read_text()
 
 
+def test_readme_shows_the_server_tool_app_py_ships() -> None:
+    readme = (HERE / "README.md").read_text()
+    tool = readme[readme.index("class CurrentTime(BaseModel):") : readme.index("\n\n\nSERVER_TOOLS = {")]
+    assert tool in (HERE / "app.py").read_text()
+
+
 # --- The OpenAI agent, against a local server that streams like the OpenAI API -------------------
 
 
