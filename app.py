@@ -543,9 +543,9 @@ async def call_server_tool(call: Message) -> tuple[JsonValue, bool]:
     return result, False
 
 
-async def run_server_tools(controller: RunController, reply: Message) -> None:
-    """Run the server tools a reply calls, side by side, and answer each call with a tool message."""
-    calls = [call for call in reply["tool_calls"] if call["name"] in SERVER_TOOLS]
+async def run_server_tools(controller: RunController) -> None:
+    """Run the server tools the last reply calls, side by side, and answer each call with a tool message."""
+    calls = [call for call in controller.state["messages"][-1]["tool_calls"] if call["name"] in SERVER_TOOLS]
     results = await asyncio.gather(*(call_server_tool(call) for call in calls))
     controller.state["messages"].extend(
         tool_message(call, *result) for call, result in zip(calls, results, strict=True)
@@ -759,7 +759,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
                 if step == settings.MAX_MODEL_STEPS:
                     raise ModelError(f"The model still called tools after {step} steps (MAX_MODEL_STEPS)")
                 await write_reply(controller, run_agent(messages, body), backlog)
-                await run_server_tools(controller, controller.state["messages"][-1])
+                await run_server_tools(controller)
         except asyncio.CancelledError:
             logger.info("Client disconnected; run stopped")
             raise

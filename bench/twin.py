@@ -45,7 +45,7 @@ async def assistant(body: app.AssistantRequest) -> StreamingResponse:
             if not app.reply_awaited(messages := list(controller.state["messages"])):
                 return
             await app.write_reply(controller, app.run_agent(messages, body), backlog)
-            await app.run_server_tools(controller, controller.state["messages"][-1])
+            await app.run_server_tools(controller)
 
     stream = app.ENCODER.encode_stream(backlog.taking(create_run(run, state=state)))
     if app.settings.HEARTBEAT_SECONDS:
