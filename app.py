@@ -839,6 +839,7 @@ async def application(
     if scope["type"] == "lifespan":  # Django has no startup or shutdown work; say so to the server
         while (await receive())["type"] != "lifespan.shutdown":
             agent = f"openai, model {settings.OPENAI_MODEL}" if model_client else "mock (no OPENAI_API_KEY)"
+            agent += f"; server tools: {','.join(SERVER_TOOLS) or 'none'}"
             origins, hosts = ",".join(settings.CORS_ORIGINS), ",".join(settings.ALLOWED_HOSTS)
             logger.info(
                 "Agent: %s; %s; CORS_ORIGINS=%s; ALLOWED_HOSTS=%s", agent, settings.STREAM_PROTOCOL, origins, hosts

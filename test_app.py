@@ -932,7 +932,8 @@ def test_startup_logs_what_is_active_and_no_secret() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
-    assert "Agent: openai, model gpt-4o-mini; data-stream; CORS_ORIGINS=http://localhost:5173; " in line
+    assert "Agent: openai, model gpt-4o-mini; server tools: get_current_time; data-stream; " in line
+    assert "; CORS_ORIGINS=http://localhost:5173; " in line
     assert "ALLOWED_HOSTS=localhost,127.0.0.1,[::1]" in line
     assert "sk-secret" not in line
 
