@@ -767,12 +767,13 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
             # create_run would re-raise after its error frame and cut the response short;
             # ending normally keeps the stream (and the user's message in the state) intact.
             logger.exception("Run failed")
+            message = describe(error)
             # The failed step's ai message shows the error where its reply would have been.
-            added = list(controller.state["messages"])[len(thread) :]
-            if steps := [at for at, message in enumerate(added, len(thread)) if message["type"] == "ai"]:
-                failure = {"type": "incomplete", "reason": "error", "error": describe(error)}
-                controller.state["messages"][steps[-1]]["status"] = failure
-            controller.add_error(describe(error))
+            now = list(controller.state["messages"])
+            if replies := [at for at in range(len(thread), len(now)) if now[at]["type"] == "ai"]:
+                failure = {"type": "incomplete", "reason": "error", "error": message}
+                controller.state["messages"][replies[-1]]["status"] = failure
+            controller.add_error(message)
 
     stream = ENCODER.encode_stream(backlog.taking(create_run(run, state=state)))
     if settings.HEARTBEAT_SECONDS:
