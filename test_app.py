@@ -979,6 +979,14 @@ def test_readme_shows_the_runtime_provider_the_browser_check_runs() -> None:
     assert provider in (HERE / "README.md").read_text()
 
 
+def test_every_setting_is_documented_and_kept_out_of_the_tests() -> None:
+    example, readme = (HERE / ".env.example").read_text(), (HERE / "README.md").read_text()
+    for name in app.Environment.model_fields:
+        assert f"\n{name}=" in example, f"{name} is not in .env.example"
+        assert f"| `{name}` |" in readme, f"{name} is not in the README's table"
+    assert sorted(SETTINGS) == sorted(app.Environment.model_fields), "a developer's .env could reach the tests"
+
+
 def test_readme_shows_the_server_tool_app_py_ships() -> None:
     readme = (HERE / "README.md").read_text()
     tool = readme[readme.index("class CurrentTime(BaseModel):") : readme.index("\n\n\nSERVER_TOOLS = {")]
