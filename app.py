@@ -1,16 +1,15 @@
 """A Django backend for assistant-ui's useAssistantTransportRuntime, in one file.
 
 The frontend POSTs commands (a new message, a tool result) with the state it holds: LangChain-style
-messages, which assistant-ui's example reads with convertLangChainMessages. This file applies the
-commands, runs an agent, and streams every change to the state back as it happens.
+messages, as assistant-ui's example reads them. This file applies the commands, runs an agent (a mock,
+or an OpenAI model when OPENAI_API_KEY is set) and streams every change to the state back as it happens.
 
 Usage:
     python app.py                # serve with uvicorn on HOST:PORT (default 127.0.0.1:8002)
-    python app.py runserver      # the same, reloading when app.py changes; [addr:]port, --noreload
+    python app.py runserver      # the same, reloading when app.py or .env changes; [addr:]port, --noreload
     uvicorn app:application      # the same app, with uvicorn's own options (--workers, ...)
     python app.py check          # any other Django management command
-
-Your own Python functions can serve the model too: see "Server tools" below.
+    path("", include("app"))     # in your own project's urls.py, with "app.cors_middleware" in MIDDLEWARE
 """
 
 import argparse
@@ -19,10 +18,8 @@ import gc
 import inspect
 import json
 import logging
-import math
 import os
 import re
-import secrets
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -32,97 +29,86 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, available_timezones
 
-import uvicorn
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from assistant_stream import RunController, create_run
-from assistant_stream.assistant_stream_chunk import UpdateStateChunk
 from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
 from assistant_stream.serialization.heartbeat import add_keepalive
 from django.conf import settings
 from django.core.asgi import get_asgi_application
-from django.core.exceptions import DisallowedHost, RequestDataTooBig
+from django.core.exceptions import DisallowedHost
 from django.core.management import execute_from_command_line
 from django.core.management.commands.runserver import naiveip_re
-from django.core.signals import request_finished, request_started
-from django.db import close_old_connections, reset_queries
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
-from django.http.response import HttpResponse, HttpResponseBase
-from django.urls import path, re_path
+from django.db import close_old_connections
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.urls import path
 from django.utils.cache import patch_vary_headers
 from django.utils.decorators import async_only_middleware
+from django.views.decorators.csrf import csrf_exempt
 from dotenv import load_dotenv
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError
-from pydantic_core import to_jsonable_python
+from pydantic_core import from_json, to_jsonable_python
 
 try:
     import openai
 except ImportError:  # the optional "openai" extra: only the OpenAI agent needs it
     openai = None  # type: ignore[assignment]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-# --- Settings: from the environment (and .env), checked once, then handed to Django ---------
+# --- Configuration: every setting from the environment (and .env), read and checked once ---------
 
 load_dotenv()
 CommaList = Annotated[list[str], BeforeValidator(lambda raw: [item.strip() for item in raw.split(",") if item.strip()])]
 
 
-class Environment(BaseModel):
+class Config(BaseModel):
     """Every setting .env.example documents, with its default."""
 
     HOST: str = "127.0.0.1"
     PORT: int = Field(8002, gt=0, lt=65536)
-    DEBUG: bool = False
-    SECRET_KEY: str = Field(default_factory=lambda: secrets.token_urlsafe(40))  # nothing is signed yet
     ALLOWED_HOSTS: CommaList = ["localhost", "127.0.0.1", "[::1]"]
     CORS_ORIGINS: CommaList = ["http://localhost:3000"]
     LOG_LEVEL: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(str.upper)] = "INFO"
+    OPENAI_API_KEY: str = ""
+    OPENAI_MODEL: str = "gpt-4o-mini"
+    OPENAI_BASE_URL: str = ""
+    # Seconds to connect and between two reads, and retries: the SDK's own 600 s and 2 retries would
+    # let a hung model server keep a user waiting half an hour.
+    OPENAI_TIMEOUT: float = Field(30, gt=0)
+    OPENAI_MAX_RETRIES: int = Field(1, ge=0, le=10)
     MOCK_DELAY: float = Field(0.05, ge=0, le=60)
     # data-stream lines (the client's default), or SSE for a frontend made with protocol: "assistant-transport"
     STREAM_PROTOCOL: Literal["data-stream", "assistant-transport"] = "data-stream"
     HEARTBEAT_SECONDS: float = Field(15, ge=0, le=3600)
-    OPENAI_API_KEY: str = ""
-    OPENAI_MODEL: str = "gpt-4o-mini"
-    OPENAI_BASE_URL: str = ""
-    # The model request's time limit (seconds to connect, and between two reads) and retries: the SDK's
-    # own 600 s and 2 retries let a hung model server keep a user waiting half an hour.
-    OPENAI_TIMEOUT: float = Field(30, gt=0)
-    OPENAI_MAX_RETRIES: int = Field(1, ge=0, le=10)
-    # Model calls one request may make while server tools answer, and seconds one server tool may take.
-    MAX_MODEL_STEPS: int = Field(5, ge=1, le=100)
-    TOOL_TIMEOUT: float = Field(30, gt=0)
     MAX_REQUEST_BYTES: int = Field(10 * 1024 * 1024, gt=0)
-    # For `python app.py`: connections served at once (past it, 503), seconds an idle connection is
-    # kept, and the proxies whose X-Forwarded-For is believed (none, unless you name yours).
-    LIMIT_CONCURRENCY: int = Field(4000, gt=0)
-    TIMEOUT_KEEP_ALIVE: int = Field(5, gt=0)
-    FORWARDED_ALLOW_IPS: CommaList = []
+    MAX_MODEL_STEPS: int = Field(5, ge=1, le=100)  # model calls one request may make while server tools answer
+    TOOL_TIMEOUT: float = Field(30, gt=0)  # seconds one server tool call may take
 
 
-raw = {name: os.environ[name].strip() for name in Environment.model_fields if os.environ.get(name, "").strip()}
+raw = {name: os.environ[name].strip() for name in Config.model_fields if os.environ.get(name, "").strip()}
 try:
-    env = Environment.model_validate(raw)
+    config = Config.model_validate(raw)
 except ValidationError as error:  # one clear line, not a traceback
     name, message = error.errors()[0]["loc"][0], error.errors()[0]["msg"]
     raise SystemExit(f"Invalid setting {name}={raw[str(name)]!r}: {message}.") from None
-if env.OPENAI_API_KEY and openai is None:
+if config.OPENAI_API_KEY and openai is None:
     raise SystemExit("OPENAI_API_KEY is set, but the openai package is not installed: pip install openai")
 
-logging.basicConfig(level=env.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Served by itself, the file configures Django; imported by a project with settings of its own, nothing.
+STANDALONE = not settings.configured and "DJANGO_SETTINGS_MODULE" not in os.environ
+if STANDALONE:
+    logging.basicConfig(level=config.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.configure(
+        ROOT_URLCONF=__name__,
+        ALLOWED_HOSTS=config.ALLOWED_HOSTS,
+        # No built-in middleware: each is sync-first and would move every request to a thread.
+        MIDDLEWARE=[f"{__name__}.cors_middleware"],
+        LOGGING_CONFIG=None,  # logging is configured above, once
+    )
 logger = logging.getLogger("assistant_transport")
 
-settings.configure(
-    **env.model_dump(),  # the code below reads them as Django settings: settings.MOCK_DELAY, ...
-    ROOT_URLCONF=__name__,
-    # No built-in middleware: each is sync-first and would move every request to a thread.
-    MIDDLEWARE=[f"{__name__}.cors_middleware"],
-    DATA_UPLOAD_MAX_MEMORY_SIZE=env.MAX_REQUEST_BYTES,
-    LOGGING_CONFIG=None,  # logging is configured above, once
-)
-# The wire format's encoder. Encoders keep no state, so one serves every request.
-ENCODER = AssistantTransportEncoder() if settings.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
-
-# --- Request models: what useAssistantTransportRuntime sends ---------------------------
+# --- Request models: what useAssistantTransportRuntime sends ----------------------------------------
 
 
 class TextPart(BaseModel):
@@ -148,7 +134,7 @@ class UserMessage(BaseModel):
 
 
 class AddMessage(BaseModel):
-    """Append a user message; a parentId or sourceId naming an earlier message branches (edit)."""
+    """Append a user message; a parentId or sourceId naming an earlier message branches (an edit)."""
 
     type: Literal["add-message"]
     message: UserMessage
@@ -244,17 +230,23 @@ class AssistantRequest(BaseModel):
     callSettings: CallSettings | None = None
 
 
-def json_error(status: int, message: str, details: object = None) -> JsonResponse:
+def parse_object(text: str | bytes) -> dict[str, Any]:
+    """A JSON object, refusing what the client's strict decoder refuses (NaN, Infinity) and deep nesting."""
+    if not isinstance(parsed := from_json(text, allow_inf_nan=False), dict):
+        raise ValueError(f"{type(parsed).__name__} where a JSON object belongs")
+    return parsed
+
+
+def json_error(status: int, message: str, details: object = None, **headers: str) -> JsonResponse:
     """The one shape of every error answered before a stream starts."""
     body: dict[str, object] = {"error": message} if details is None else {"error": message, "details": details}
-    return JsonResponse(body, status=status)
+    return JsonResponse(body, status=status, headers=headers)
 
 
-# --- CORS, and the Host check no built-in middleware does for us -----------------------
+# --- Middleware: CORS by hand, and the Host check that no built-in middleware does for us ----------
 
-ANY_ORIGIN = "*" in settings.CORS_ORIGINS
-View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 CORS_METHODS = ("GET", "POST", "OPTIONS")
+View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 
 
 @async_only_middleware
@@ -262,8 +254,9 @@ def cors_middleware(get_response: View) -> View:
     """Check the Host, answer preflights, and put CORS headers on every answer, errors too."""
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
-        origin = request.META.get("HTTP_ORIGIN")  # request.headers would build a dict of every header
-        origin_allowed = origin is not None and (ANY_ORIGIN or origin in settings.CORS_ORIGINS)
+        any_origin = "*" in config.CORS_ORIGINS
+        origin = request.META.get("HTTP_ORIGIN")
+        origin_allowed = origin is not None and (any_origin or origin in config.CORS_ORIGINS)
         preflight_method = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")
         response: HttpResponseBase
         try:
@@ -284,21 +277,20 @@ def cors_middleware(get_response: View) -> View:
                 origin_allowed = False
                 response = json_error(403, "CORS preflight refused: origin or method not allowed")
         if origin_allowed:
-            # Never reflect an origin together with credentials unless it was listed exactly.
-            response["Access-Control-Allow-Origin"] = "*" if ANY_ORIGIN else str(origin)
-            if not ANY_ORIGIN:
+            # Credentials go only with an origin that was listed exactly, never with *.
+            response["Access-Control-Allow-Origin"] = "*" if any_origin else str(origin)
+            if not any_origin:
                 response["Access-Control-Allow-Credentials"] = "true"
-        if not ANY_ORIGIN:
+        if not any_origin:
             patch_vary_headers(response, ["Origin"])
         return response
 
     return middleware
 
 
-# --- The thread: the commands applied to the messages the client sent -------------------
+# --- The state: the commands applied to the LangChain messages the client holds ---------------------
 
 Message = dict[str, Any]  # a LangChain-style message, as JSON
-Chunk = dict[str, Any]  # one chat.completion.chunk of a model's stream, as JSON
 
 
 class UnknownToolCallError(LookupError):
@@ -311,23 +303,28 @@ def tool_message(call: Message, result: JsonValue, failed: bool) -> Message:
     return message | {"content": result, "status": "error" if failed else "success"}
 
 
+def insertion_point(thread: list[Message], command: AddMessage) -> int:
+    """Where a new user message goes: after its parent, so an edit drops the older branch; else at the end."""
+    ids = [message.get("id") for message in thread]
+    if command.parentId is not None and command.parentId in ids:
+        end = ids.index(command.parentId) + 1
+        # assistant-ui shows an ai message with the tool and ai messages after it as one reply, under the
+        # first one's id, so a parent that is a reply ends where that run of messages ends.
+        while end < len(thread) and {thread[end - 1]["type"], thread[end]["type"]} <= {"ai", "tool"}:
+            end += 1
+        return end
+    if command.sourceId is not None and command.sourceId in ids:  # the first message, edited
+        return ids.index(command.sourceId)
+    return len(thread)
+
+
 def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResult | CustomCommand]) -> list[Message]:
     """The thread after every command, in order; the messages the client sent are not changed."""
     thread = list(sent)
     for command in commands:
         if isinstance(command, AddMessage):
-            ids = [message.get("id") for message in thread]
-            # A message follows its parent: anything after the parent is an older branch (an edit).
-            # assistant-ui shows an ai message and the tool and ai messages after it as one message
-            # with the first one's id, so that parent ends where that run of messages ends.
-            if command.parentId is not None and command.parentId in ids:
-                end = ids.index(command.parentId) + 1
-                while end < len(thread) and {thread[end - 1]["type"], thread[end]["type"]} <= {"ai", "tool"}:
-                    end += 1
-                del thread[end:]
-            elif command.sourceId is not None and command.sourceId in ids:  # the first message, edited
-                del thread[ids.index(command.sourceId) :]
-            content: list[dict[str, Any]] = [
+            del thread[insertion_point(thread, command) :]
+            content = [
                 {"type": "text", "text": part.text}
                 if isinstance(part, TextPart)
                 else {"type": "image_url", "image_url": {"url": part.image}}
@@ -341,29 +338,12 @@ def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResul
             message = tool_message(calls[command.toolCallId], command.result, command.isError)
             extras = {"artifact": command.artifact, "model_content": command.modelContent}
             message |= {key: value for key, value in extras.items() if value is not None}
-            earlier = [i for i, existing in enumerate(thread) if existing.get("tool_call_id") == command.toolCallId]
+            earlier = [at for at, existing in enumerate(thread) if existing.get("tool_call_id") == command.toolCallId]
             if earlier:  # a retried request: the result replaces the first instead of repeating it
                 thread[earlier[0]] = message
             else:
                 thread.append(message)
     return thread
-
-
-RESERVED_KEYS = {"__proto__", "constructor", "prototype"}
-
-
-def undecodable(value: object) -> str | None:
-    """What in a value the client's strict decoder would refuse, dropping the whole line with it."""
-    # JSON has no NaN or Infinity (Python writes them anyway); the keys guard against prototype pollution.
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"the number {value}"
-    if isinstance(value, dict):
-        if reserved := RESERVED_KEYS & value.keys():
-            return f"the key {min(reserved)!r}"
-        value = list(value.values())
-    if isinstance(value, list):
-        return next((problem for item in value if (problem := undecodable(item))), None)
-    return None
 
 
 def reply_awaited(thread: list[Message]) -> bool:
@@ -379,42 +359,23 @@ def reply_awaited(thread: list[Message]) -> bool:
     return False
 
 
+# --- Agents: a mock or an OpenAI model streams chunks; one writer turns them into state operations ---
+
+Chunk = dict[str, Any]  # one chat.completion.chunk of a model's stream, as JSON
+
+# Everything one request writes (text, reasoning, arguments, tool results, over all its steps) is
+# bounded, and so is what a client that stops reading makes the server hold. assistant-stream also
+# copies a string for every piece appended to it, so a reply costs the square of its length; the
+# longest model answers are about 64 K characters.
+REPLY_LIMIT = 200_000  # characters
+
+
 class ModelError(Exception):
     """The model's answer broke the protocol or a limit; the message is what the user reads."""
 
 
-# assistant-stream copies a string for every piece appended to it, so a reply costs the square of its
-# length: a bound keeps one reply's cost sane (the longest model answers are about 64 K characters).
-REPLY_LIMIT = 200_000  # characters
-
-
-class Backlog:
-    """Text the run has written that the client has not taken yet; the writer waits while there is too much."""
-
-    LIMIT = 256 * 1024  # characters: all that a client which stops reading makes the server hold
-
-    def __init__(self) -> None:
-        self.waiting = 0
-        self.taken = asyncio.Event()
-
-    async def wrote(self, characters: int) -> None:
-        """Count what the writer added; wait while the client is that far behind."""
-        self.waiting += characters
-        while self.waiting > self.LIMIT:
-            self.taken.clear()
-            await self.taken.wait()
-
-    async def taking(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """The run's chunks as the encoder takes them, each taken one counted off."""
-        async for chunk in chunks:
-            operations = chunk.operations if isinstance(chunk, UpdateStateChunk) else []
-            self.waiting -= sum(len(op["value"]) for op in operations if op["type"] == "append-text")
-            self.taken.set()
-            yield chunk
-
-
-async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], backlog: Backlog) -> None:
-    """Write a model's streamed chunks into a new ai message, piece by piece as they arrive."""
+async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], allowance: int) -> int:
+    """Write a model's streamed chunks into a new ai message as they arrive; return the characters written."""
     # Every string starts empty and grows by append-text, the only way the client's strict decoder
     # lets a string grow; a call's args are set once its partial_json is complete. Reasoning goes
     # where convertLangChainMessages shows a reasoning part, and never back to the model.
@@ -422,21 +383,23 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], b
     messages.append({"id": uuid.uuid4().hex, "type": "ai", "content": "", "tool_calls": []})
     at = len(messages) - 1
     calls: dict[int, int] = {}  # the model's index of each call -> its place in tool_calls
-    length = 0
+    written = 0
+
+    def append(path: list[str | int], text: str) -> None:
+        nonlocal written
+        if (written := written + len(text)) > allowance:
+            raise ModelError(f"The reply passed {REPLY_LIMIT} characters")
+        controller.append_state_text(["messages", at, *path], text)
+
     async for chunk in chunks:
         delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
-        written = 0
-        if reasoning := delta.get("reasoning_content") or delta.get("reasoning"):  # vLLM, DeepSeek; Ollama, OpenRouter
+        if reasoning := delta.get("reasoning_content") or delta.get("reasoning"):  # vLLM, DeepSeek; Ollama
             if "additional_kwargs" not in messages[at]:
                 summary = {"type": "reasoning", "summary": [{"type": "summary_text", "text": ""}]}
                 messages[at]["additional_kwargs"] = {"reasoning": summary}
-            controller.append_state_text(
-                ["messages", at, "additional_kwargs", "reasoning", "summary", 0, "text"], reasoning
-            )
-            written += len(reasoning)
+            append(["additional_kwargs", "reasoning", "summary", 0, "text"], reasoning)
         if delta.get("content"):
-            controller.append_state_text(["messages", at, "content"], delta["content"])
-            written += len(delta["content"])
+            append(["content"], delta["content"])
         for piece in delta.get("tool_calls") or []:
             function = piece.get("function") or {}
             if (index := piece.get("index", 0)) not in calls:  # a call's first piece carries its id and name
@@ -444,21 +407,13 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], b
                 call = {"id": piece.get("id") or f"call_{uuid.uuid4().hex}", "name": function.get("name", "")}
                 messages[at]["tool_calls"].append({**call, "args": {}, "partial_json": ""})
             if function.get("arguments"):
-                path = ["messages", at, "tool_calls", calls[index], "partial_json"]
-                controller.append_state_text(path, function["arguments"])
-                written += len(function["arguments"])
-        if (length := length + written) > REPLY_LIMIT:
-            raise ModelError(f"The reply passed {REPLY_LIMIT} characters")
-        await backlog.wrote(written)  # a client that stops reading stops the model being read
-    for position in calls.values():
-        call = messages[at]["tool_calls"][position]
+                append(["tool_calls", calls[index], "partial_json"], function["arguments"])
+    for position, call in enumerate(messages[at]["tool_calls"]):  # plain values; writes go through the index
         try:
-            args = json.loads(call["partial_json"] or "{}")
+            messages[at]["tool_calls"][position]["args"] = parse_object(call["partial_json"] or "{}")
         except ValueError:  # cut off, or not JSON: small local models write such arguments
-            args = None
-        if problem := (undecodable(args) if isinstance(args, dict) else "no JSON object"):
-            raise ModelError(f"The arguments for {call['name']} hold {problem}")
-        call["args"] = args
+            raise ModelError(f"The arguments for {call['name']} are not a JSON object") from None
+    return written
 
 
 def as_text(value: object) -> str:
@@ -477,8 +432,8 @@ def text_of(content: JsonValue) -> str:
 # --- Server tools: your Python functions, which the model may call; they run here ----------------
 # To add one: a Pydantic model of its arguments (its docstring is the description the model reads),
 # a function taking that model, sync or async, that returns anything JSON can hold, and an entry in
-# SERVER_TOOLS. A sync function runs in a worker thread (sync_to_async), so Django ORM code works in
-# it as in a sync view. What a tool raises, and a tool past TOOL_TIMEOUT, become an error result.
+# SERVER_TOOLS. A sync function runs in a worker thread, so Django ORM code works in it as in a sync
+# view. What a tool raises, and a tool past TOOL_TIMEOUT, become an error result the model reads.
 
 
 class CurrentTime(BaseModel):
@@ -501,16 +456,12 @@ SERVER_TOOLS: dict[str, tuple[type[BaseModel], Callable[[Any], Any]]] = {
 }
 # Their own threads: a sync tool that hangs must not take the threads the event loop resolves host names in.
 TOOL_THREADS = ThreadPoolExecutor(thread_name_prefix="server-tool")
-shadowed: set[str] = set()  # frontend tools a server tool's name has hidden, logged once each
 
 
-def enabled_tools(request: AssistantRequest) -> dict[str, ToolDefinition]:
-    """The frontend's tools the model may call: the ones it sent, less disabled ones and server tools' names."""
-    tools = {name: tool for name, tool in (request.tools or {}).items() if not tool.disabled}
-    for name in tools.keys() & SERVER_TOOLS.keys() - shadowed:
-        logger.warning("The frontend's tool %r is hidden by the server tool of the same name", name)
-        shadowed.add(name)
-    return {name: tool for name, tool in tools.items() if name not in SERVER_TOOLS}
+def frontend_tools(request: AssistantRequest) -> dict[str, ToolDefinition]:
+    """The frontend's tools the model may call: those it sent, less disabled ones and server tools' names."""
+    tools = request.tools or {}
+    return {name: tool for name, tool in tools.items() if not tool.disabled and name not in SERVER_TOOLS}
 
 
 def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> object:
@@ -531,29 +482,26 @@ async def call_server_tool(call: Message) -> tuple[JsonValue, bool]:
             running = function(arguments)
         else:
             running = sync_to_async(run_sync_tool, thread_sensitive=False, executor=TOOL_THREADS)(function, arguments)
-        result = to_jsonable_python(await asyncio.wait_for(running, settings.TOOL_TIMEOUT))
+        result = to_jsonable_python(await asyncio.wait_for(running, config.TOOL_TIMEOUT))
+        json.dumps(result, allow_nan=False)  # NaN or Infinity would break the client's strict decoder
     except TimeoutError:  # an async tool is cancelled; a sync one cannot be, and finishes unheard
-        logger.warning("Server tool %s passed TOOL_TIMEOUT", call["name"])
-        return f"{call['name']} did not finish within TOOL_TIMEOUT ({settings.TOOL_TIMEOUT:g} seconds)", True
+        return f"{call['name']} did not finish within TOOL_TIMEOUT ({config.TOOL_TIMEOUT:g} seconds)", True
     except Exception as error:
         logger.exception("Server tool %s failed", call["name"])
         return f"{call['name']} failed: {type(error).__name__}: {error}", True
-    if problem := undecodable(result):
-        return f"{call['name']} answered with {problem}, which the client cannot decode", True
     return result, False
 
 
-async def run_server_tools(controller: RunController) -> None:
-    """Run the server tools the last reply calls, side by side, and answer each call with a tool message."""
+async def run_server_tools(controller: RunController, allowance: int) -> int:
+    """Run the server tools the last reply calls, side by side, answer each with a tool message; return its size."""
     calls = [call for call in controller.state["messages"][-1]["tool_calls"] if call["name"] in SERVER_TOOLS]
-    results = await asyncio.gather(*(call_server_tool(call) for call in calls))
-    controller.state["messages"].extend(
-        tool_message(call, *result) for call, result in zip(calls, results, strict=True)
-    )
+    written = 0
+    for call, (result, failed) in zip(calls, await asyncio.gather(*map(call_server_tool, calls)), strict=True):
+        if (written := written + len(as_text(result))) > allowance:
+            result, failed = f"{call['name']} answered more than the reply may hold ({REPLY_LIMIT} characters)", True
+        controller.state["messages"].append(tool_message(call, result, failed))
+    return written
 
-
-# --- The agents: a scripted mock, or an OpenAI model. Both stream chat.completion.chunk dicts, ---
-# --- so one writer (write_reply) puts either into the state. ------------------------------------
 
 WEATHER_QUESTION = re.compile(r"\bweather\b", re.IGNORECASE)
 TIME_QUESTION = re.compile(r"\btime\b", re.IGNORECASE)
@@ -563,24 +511,18 @@ PLACE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]{0,40}(?:\s+[A-Z][\w'-]{0,40}
 MOCK_QUOTE = 500  # characters of the user's text (or a tool result) the mock repeats
 
 
-def shorten(text: str) -> str:
-    """At most MOCK_QUOTE characters of a text, marked when cut."""
-    return text if len(text) <= MOCK_QUOTE else text[:MOCK_QUOTE] + "…"
-
-
 async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
     """A scripted model: echo the user; asked the weather or the time, think, call the tool, then use its result."""
     last = thread[-1]
     thought, asks = "", []  # asks: what the user asks about, the tool that knows, and its arguments
     if last["type"] == "tool":
         verb = "failed" if last.get("status") == "error" else "answered"
-        reply = f"{last.get('name', 'The tool')} {verb}: {shorten(as_text(last['content']))}"
+        reply = f"{last['name']} {verb}: {as_text(last['content'])[:MOCK_QUOTE]}"
     else:
         said = text_of(last["content"])
-        images = sum(block.get("type") == "image_url" for block in last["content"] if isinstance(block, dict))
-        reply = f'You said: "{shorten(said)}"' + (f" and sent {images} image(s)." if images else ".")
+        reply = f'You said: "{said[:MOCK_QUOTE]}".'
         place = match.group(1) if (match := PLACE.search(said)) else None
-        if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in enabled_tools(request)):
+        if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in frontend_tools(request)):
             asks.append(("weather", "get_weather", {"location": place or "San Francisco"}))
         if TIME_QUESTION.search(said):  # get_current_time is a server tool: this backend runs it
             # The zone named after the place, as Asia/Tokyo is; a place without one is passed as it is.
@@ -599,20 +541,18 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
         pieces = re.findall(r"\s*\S+", json.dumps(arguments))
         deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
     for delta in deltas:
-        await asyncio.sleep(settings.MOCK_DELAY)
+        await asyncio.sleep(config.MOCK_DELAY)
         yield {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
 
 
-MODEL_LINE_LIMIT = 1024 * 1024  # bytes of one line of the model's stream
-
 # One client for the process: it keeps its connections to the model server open between runs.
 model_client: "openai.AsyncOpenAI | None" = None
-if settings.OPENAI_API_KEY:
+if config.OPENAI_API_KEY:
     model_client = openai.AsyncOpenAI(
-        api_key=settings.OPENAI_API_KEY,
-        base_url=settings.OPENAI_BASE_URL or None,
-        timeout=settings.OPENAI_TIMEOUT,
-        max_retries=settings.OPENAI_MAX_RETRIES,
+        api_key=config.OPENAI_API_KEY,
+        base_url=config.OPENAI_BASE_URL or None,
+        timeout=config.OPENAI_TIMEOUT,
+        max_retries=config.OPENAI_MAX_RETRIES,
     )
 
 
@@ -626,12 +566,14 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
             result.append({"role": "user", "content": message["content"]})
         elif message["type"] == "ai" and (text_of(message["content"]) or calls):
             step: dict[str, Any] = {"role": "assistant", "content": text_of(message["content"]) or None}
-            # The parsed args, not partial_json: a step that failed may have left that text cut off.
-            functions = [{"name": call["name"], "arguments": as_text(call.get("args") or {})} for call in calls]
-            if calls:
+            if calls:  # the parsed args, not partial_json: a step that failed may have left that cut off
                 step["tool_calls"] = [
-                    {"id": call["id"], "type": "function", "function": function}
-                    for call, function in zip(calls, functions, strict=True)
+                    {
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": as_text(call.get("args") or {})},
+                    }
+                    for call in calls
                 ]
             result.append(step)
             # The chat API rejects a call left unanswered, as when the user wrote on instead of letting it run.
@@ -646,45 +588,52 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
     return result
 
 
+MODEL_LINE_LIMIT = 1024 * 1024  # bytes of one line of the model's stream
+
+
+async def sse_chunks(received: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
+    """The chunks of a server-sent event stream, line by line; a line that never ends is an error, not a leak."""
+    unfinished = b""
+    async for piece in received:
+        *lines, unfinished = (unfinished + piece).split(b"\n")
+        if len(unfinished) > MODEL_LINE_LIMIT:
+            raise ModelError(f"The model server sent a line over {MODEL_LINE_LIMIT} bytes")
+        for line in lines:
+            data = line.removeprefix(b"data:").strip()
+            if line.startswith(b"data:") and data != b"[DONE]":
+                yield parse_object(data)
+
+
 async def openai_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
     """Stream a chat completion with the frontend's and the server's tools, as the plain chunks the server sends."""
     assert model_client is not None, "openai_agent runs only when OPENAI_API_KEY is set"
     options: dict[str, Any] = request.callSettings.model_dump(exclude_none=True) if request.callSettings else {}
-    frontend_tools = [
+    tools: list[Any] = [
         {"type": "function", "function": {"name": name, **tool.model_dump(exclude={"disabled"}, exclude_none=True)}}
-        for name, tool in enabled_tools(request).items()
+        for name, tool in frontend_tools(request).items()
     ]
-    server_tools = [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
-    if tools := [*frontend_tools, *server_tools]:
+    tools += [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
+    if tools:
         options["tools"] = tools
-    # The raw lines, not the SDK's typed chunks: building those objects costs about 70 µs a chunk,
-    # and reading the lines relays 5x the tokens per core (bench/tokens.py). The client still brings
-    # auth, retries, timeouts and typed errors, and leaving the block closes the upstream request.
+    # The raw lines, not the SDK's typed chunks: building those objects costs about 70 µs a chunk, and
+    # reading the lines relays 5x the tokens per core (bench/tokens.py). The client still brings auth,
+    # retries, timeouts and typed errors, and leaving the block closes the upstream request.
     async with model_client.chat.completions.with_streaming_response.create(
-        model=settings.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
+        model=config.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
     ) as response:
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             kind = response.headers.get("content-type") or "no content type"
             raise ModelError(f"The model server answered {kind}, not a stream")
-        unfinished = b""  # the line being received; bounded, as a line that never ends would fill memory
         try:
-            async for received in response.iter_bytes():
-                *lines, unfinished = (unfinished + received).split(b"\n")
-                if len(unfinished) > MODEL_LINE_LIMIT:
-                    raise ModelError(f"The model server sent a line over {MODEL_LINE_LIMIT} bytes")
-                for line in lines:
-                    data = line.removeprefix(b"data:").strip()
-                    if not line.startswith(b"data:") or data == b"[DONE]":
-                        continue
-                    chunk = json.loads(data)
-                    if "error" in chunk:  # an error after the 200, inside the stream
-                        error = chunk["error"]
-                        message = error.get("message") if isinstance(error, dict) else None
-                        raise openai.APIError(message or str(error), response.http_request, body=error)
-                    yield chunk
+            async for chunk in sse_chunks(response.iter_bytes()):
+                if "error" in chunk:  # an error after the 200, inside the stream
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else None
+                    raise openai.APIError(message or str(error), response.http_request, body=error)
+                yield chunk
         except (openai.APIError, ModelError):
             raise
-        except Exception as error:  # the SDK types errors up to the headers; a timeout after them is its HTTP client's
+        except Exception as error:  # the SDK types errors up to the headers; a timeout after them is httpx's
             message = f"{type(error).__name__} while the reply streamed."
             raise openai.APIConnectionError(message=message, request=response.http_request) from error
 
@@ -703,131 +652,103 @@ def describe(error: Exception) -> str:
 
 run_agent = openai_agent if model_client else mock_agent  # the agent every run uses
 
-# --- Views --------------------------------------------------------------------------------
+# --- The endpoint: parse the body, apply its commands, run the agent, stream the state -------------
 
 
-def wrong_method(allowed: str) -> JsonResponse:
-    """A JSON 405 naming the methods the path answers."""
-    response = json_error(405, f"Method not allowed here; use {allowed}")
-    response["Allow"] = allowed
-    return response
-
-
+@csrf_exempt  # a JSON API called cross-origin without cookies: CORS guards it, not a CSRF token
 async def assistant(request: HttpRequest) -> HttpResponseBase:
-    """Apply the commands, run the agent, and stream each change of the state back."""
+    """POST /assistant: apply the commands to the state the client sent, then stream the agent's changes."""
     if request.method != "POST":
-        return wrong_method("POST")
+        return json_error(405, "Method not allowed here; use POST", Allow="POST")
     if request.content_type != "application/json":
         return json_error(415, "Send the body as Content-Type: application/json")
+    if len(raw_body := request.read(config.MAX_REQUEST_BYTES + 1)) > config.MAX_REQUEST_BYTES:
+        return json_error(413, f"Body larger than MAX_REQUEST_BYTES ({config.MAX_REQUEST_BYTES} bytes)")
     try:
-        body = AssistantRequest.model_validate_json(request.body)
+        body = AssistantRequest.model_validate(parse_object(raw_body))
         state = body.state.model_dump(exclude_unset=True) if body.state is not None else None
         sent: list[Message] = state.get("messages", []) if state else []
         thread = apply_commands(sent, body.commands)
-    except RequestDataTooBig:
-        return json_error(413, f"Body larger than MAX_REQUEST_BYTES ({settings.MAX_REQUEST_BYTES} bytes)")
     except ValidationError as error:
-        problems = error.errors(include_url=False, include_context=False, include_input=False)
-        if problems[0]["type"] == "json_invalid":
-            return json_error(400, "Body is not valid JSON", problems[0]["msg"])
         # A body can hold a million mistakes; the first few dozen tell the client what is wrong.
-        message = (
-            f"Body does not match the request schema: {len(problems)} problem(s), the first {len(problems[:20])} listed"
-        )
+        problems = error.errors(include_url=False, include_context=False, include_input=False)
+        message = f"Body does not match the request schema: {len(problems)} problem(s), the first 20 listed"
         return json_error(400, message, problems[:20])
+    except ValueError as error:  # not JSON, not UTF-8, NaN, nested too deep
+        return json_error(400, "Body is not a JSON object", str(error))
     except UnknownToolCallError as error:
         return json_error(400, "add-tool-result for a tool call that is not in the state", [str(error)])
-    if problem := undecodable({**(state or {}), "messages": thread}):  # what the stream would carry
-        return json_error(400, f"Body holds {problem}, which the client's strict decoder refuses")
-
-    backlog = Backlog()
 
     async def run(controller: RunController) -> None:
+        """Send the new messages; then, while a reply is awaited, the agent takes a step and server tools answer it."""
+        # Only the new messages go out, unless an edit cut the thread the client sent.
+        if controller.state is None:
+            controller.state = {"messages": thread}
+        elif "messages" in controller.state and thread[: len(sent)] == sent:
+            controller.state["messages"].extend(thread[len(sent) :])
+        else:
+            controller.state["messages"] = thread
+        written = 0
         try:
-            # Send the thread as the commands left it: only the new messages, unless an edit cut it.
-            if controller.state is None:
-                controller.state = {"messages": thread}
-            elif "messages" in controller.state and thread[: len(sent)] == sent:
-                controller.state["messages"].extend(thread[len(sent) :])
-            else:
-                controller.state["messages"] = thread
-            # A step at a time: the model answers; server tools it called run here and answer it, and it
-            # is asked again, until it answers in text or calls a frontend tool (the browser runs that).
-            for step in range(settings.MAX_MODEL_STEPS + 1):
+            for step in range(config.MAX_MODEL_STEPS + 1):
                 if not reply_awaited(messages := list(controller.state["messages"])):
-                    return
-                if step == settings.MAX_MODEL_STEPS:
+                    return  # the agent answered in text, or called a frontend tool that the browser runs
+                if step == config.MAX_MODEL_STEPS:
                     raise ModelError(f"The model still called tools after {step} steps (MAX_MODEL_STEPS)")
-                await write_reply(controller, run_agent(messages, body), backlog)
-                await run_server_tools(controller)
-        except asyncio.CancelledError:
-            logger.info("Client disconnected; run stopped")
-            raise
-        except Exception as error:
-            # create_run would re-raise after its error frame and cut the response short;
-            # ending normally keeps the stream (and the user's message in the state) intact.
+                written += await write_reply(controller, run_agent(messages, body), REPLY_LIMIT - written)
+                written += await run_server_tools(controller, REPLY_LIMIT - written)
+        except Exception as error:  # reported on the stream, which still ends cleanly with the conversation
             logger.exception("Run failed")
             message = describe(error)
             # The failed step's ai message shows the error where its reply would have been.
             now = list(controller.state["messages"])
             if replies := [at for at in range(len(thread), len(now)) if now[at]["type"] == "ai"]:
-                failure = {"type": "incomplete", "reason": "error", "error": message}
-                controller.state["messages"][replies[-1]]["status"] = failure
+                controller.state["messages"][replies[-1]]["status"] = {
+                    "type": "incomplete",
+                    "reason": "error",
+                    "error": message,
+                }
             controller.add_error(message)
 
-    stream = ENCODER.encode_stream(backlog.taking(create_run(run, state=state)))
-    if settings.HEARTBEAT_SECONDS:
-        stream = add_keepalive(stream, settings.HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
+    encoder = AssistantTransportEncoder() if config.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
+    stream = encoder.encode_stream(create_run(run, state=state))
+    if config.HEARTBEAT_SECONDS:
+        stream = add_keepalive(stream, config.HEARTBEAT_SECONDS, encoder.get_keepalive_token())
     # Tell every proxy on the way not to cache or buffer the stream (nginx reads X-Accel-Buffering).
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    # charset= as well as the header spares Django re-parsing the content type for every chunk.
-    media_type = f"{ENCODER.get_media_type()}; charset=utf-8"
+    # charset= as well as the header spares Django re-parsing the content type for every chunk (6%).
+    media_type = f"{encoder.get_media_type()}; charset=utf-8"
     return StreamingHttpResponse(stream, content_type=media_type, charset="utf-8", headers=headers)
 
 
-HEALTH = {
-    "status": "healthy",
-    "service": "assistant-transport-backend-django",
-    "version": __version__,
-    "agent": "openai" if model_client else "mock",
-    "model": settings.OPENAI_MODEL if model_client else None,
-    "protocol": settings.STREAM_PROTOCOL,
-}
+# --- Health: what an operator wants to see at a glance, never a secret ------------------------------
 
 
 async def health(request: HttpRequest) -> HttpResponseBase:
-    """Liveness, and what an operator wants to see at a glance (never a secret)."""
+    """GET /health: liveness, and which agent answers."""
     if request.method not in ("GET", "HEAD"):
-        return wrong_method("GET, HEAD")
-    return JsonResponse(HEALTH)
+        return json_error(405, "Method not allowed here; use GET or HEAD", Allow="GET, HEAD")
+    agent = {"agent": "openai", "model": config.OPENAI_MODEL} if model_client else {"agent": "mock", "model": None}
+    service = {"status": "healthy", "service": "assistant-transport-backend-django", "version": __version__}
+    return JsonResponse({**service, **agent, "protocol": config.STREAM_PROTOCOL})
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponseBase:
-    """JSON for unknown paths, instead of Django's HTML page (which DEBUG would also show)."""
+    """JSON for unknown paths when this file serves itself, instead of Django's HTML page."""
     return json_error(404, f"No endpoint at {request.path}; use POST /assistant or GET /health")
 
 
-handler404 = not_found  # for targets no route can match, such as `OPTIONS *`
-
+# --- URLs and the ASGI application -----------------------------------------------------------------
 
 urlpatterns = [
     path("assistant", assistant),
     path("health", health),
-    re_path(r"", not_found),
 ]
+handler404 = not_found  # used only where this file is the root URLconf
 
 django_application = get_asgi_application()
-
-# With no database, Django's per-request connection housekeeping only costs a hop to a worker
-# thread. Add DATABASES and it stays; signals you connect yourself run either way.
-if not settings.DATABASES:
-    request_started.disconnect(reset_queries)
-    request_started.disconnect(close_old_connections)
-    request_finished.disconnect(close_old_connections)
-
-# Django enters a fresh thread-sensitive context per request, and each one gets its own worker
-# thread for sync work (closing the response, sync signal receivers) that lives as long as the
-# request: an open stream holds a thread. One shared worker keeps the thread count flat.
+# Django runs each request's sync work (closing the response, sync signal receivers) in a worker thread
+# of its own, which an open stream holds until it ends. One shared worker keeps the thread count flat.
 SYNC_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-sync")
 
 
@@ -836,14 +757,14 @@ async def application(
     receive: Callable[[], Awaitable[dict[str, Any]]],
     send: Callable[[Mapping[str, Any]], Awaitable[None]],
 ) -> None:
-    """The ASGI app: Django, with one sync worker for every request, and lifespan answered."""
-    if scope["type"] == "lifespan":  # Django has no startup or shutdown work; say so to the server
+    """The ASGI app: Django with one shared sync worker; uvicorn's start-up and shut-down messages answered."""
+    if scope["type"] == "lifespan":  # Django answers these with an error; it has nothing to start or stop
         while (await receive())["type"] != "lifespan.shutdown":
-            agent = f"openai, model {settings.OPENAI_MODEL}" if model_client else "mock (no OPENAI_API_KEY)"
-            agent += f"; server tools: {','.join(SERVER_TOOLS) or 'none'}"
-            origins, hosts = ",".join(settings.CORS_ORIGINS), ",".join(settings.ALLOWED_HOSTS)
+            agent = f"openai, model {config.OPENAI_MODEL}" if model_client else "mock (no OPENAI_API_KEY)"
+            origins, hosts = ",".join(config.CORS_ORIGINS), ",".join(settings.ALLOWED_HOSTS)
             logger.info(
-                "Agent: %s; %s; CORS_ORIGINS=%s; ALLOWED_HOSTS=%s", agent, settings.STREAM_PROTOCOL, origins, hosts
+                "Agent: %s; server tools: %s; %s; CORS_ORIGINS=%s; ALLOWED_HOSTS=%s",
+                *(agent, ",".join(SERVER_TOOLS) or "none", config.STREAM_PROTOCOL, origins, hosts),
             )
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
@@ -852,43 +773,39 @@ async def application(
         await django_application(scope, receive, send)
 
 
-# Django and the libraries it loads leave a large heap of objects that live as long as the process.
-# Freezing them keeps the garbage collector from walking them again and again: those walks were
-# pauses of tens of milliseconds under load.
-gc.freeze()
+if STANDALONE:
+    # Django and its libraries leave a heap of objects that live as long as the process; frozen, the
+    # garbage collector stops walking them again and again (pauses of tens of milliseconds under load).
+    gc.freeze()
+
+
+# --- main: serve with uvicorn, or run any other Django management command ---------------------------
 
 
 def main() -> None:
     """Serve with uvicorn (`runserver` too, with reload), or run any other Django management command."""
-    command = sys.argv[1:2]
-    if command not in ([], ["runserver"]):
+    if sys.argv[1:] == ["help", "runserver"]:  # Django's help would describe its own runserver
+        sys.argv[1:] = ["runserver", "--help"]
+    if (command := sys.argv[1:2]) not in ([], ["runserver"]):
         execute_from_command_line(sys.argv)
         return
     # Django's runserver is a WSGI server and would hold a stream back until it ends. As Daphne does,
-    # runserver here serves this ASGI app instead, and reloads it when this file changes.
-    parser = argparse.ArgumentParser(prog=f"{sys.argv[0]} runserver")
-    parser.add_argument("addrport", nargs="?", default=str(settings.PORT), help="port, or address:port")
-    parser.add_argument("--noreload", action="store_true")
+    # runserver here serves this ASGI app with uvicorn instead.
+    parser = argparse.ArgumentParser(f"{sys.argv[0]} runserver", description="Serve app.py with uvicorn.")
+    parser.add_argument("addrport", nargs="?", default=str(config.PORT), help="port, or address:port")
+    parser.add_argument("--noreload", action="store_true", help="do not reload when app.py or .env changes")
     options = parser.parse_args(sys.argv[2:])
-    if not (address := naiveip_re.match(options.addrport)):
-        parser.error(f"{options.addrport!r} is not a port or an address:port")
-    # One set of serving options, for uvicorn.run and, when reloading, for uvicorn's command line.
-    serving: dict[str, Any] = {
-        "host": (address["addr"] or settings.HOST).strip("[]"),
-        "port": int(address["port"]),
-        "log_level": settings.LOG_LEVEL.lower(),
-        "limit_concurrency": settings.LIMIT_CONCURRENCY,
-        "timeout_keep_alive": settings.TIMEOUT_KEEP_ALIVE,
-        "forwarded_allow_ips": ",".join(settings.FORWARDED_ALLOW_IPS),  # empty: no proxy is believed
-    }
+    address = naiveip_re.match(options.addrport)
+    if not address or not 0 < int(address["port"]) < 65536:
+        parser.error(f"{options.addrport!r} is not a port (1-65535) or an address:port")
+    # uvicorn's own command line, run in place of this process: its reloader imports the file by name.
+    here, host = Path(__file__).resolve(), (address["addr"] or config.HOST).strip("[]")
+    uvicorn_command = ["uvicorn", f"{here.stem}:application", f"--app-dir={here.parent}", f"--host={host}"]
+    uvicorn_command += [f"--port={address['port']}", f"--log-level={config.LOG_LEVEL.lower()}"]
     if command == ["runserver"] and not options.noreload:
-        # uvicorn's reloader serves the app from a child process that imports this file by name, so it
-        # starts from uvicorn's own command line: that way nothing imports this file twice.
-        here = Path(__file__).resolve()
-        uvicorn_command = ["-m", "uvicorn", f"{here.stem}:application", "--app-dir", str(here.parent), "--reload"]
-        flags = [f"--{name.replace('_', '-')}={value}" for name, value in serving.items()]
-        os.execv(sys.executable, [sys.executable, *uvicorn_command, f"--reload-dir={here.parent}", *flags])
-    uvicorn.run(application, **serving)
+        uvicorn_command += ["--reload", f"--reload-dir={here.parent}", "--reload-exclude=*.py"]
+        uvicorn_command += [f"--reload-include={here.name}", "--reload-include=.env"]
+    os.execv(sys.executable, [sys.executable, "-m", *uvicorn_command])
 
 
 if __name__ == "__main__":

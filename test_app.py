@@ -2,8 +2,6 @@
 
 import asyncio
 import json
-import logging
-import math
 import os
 import socket
 import subprocess
@@ -11,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,8 +19,6 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
-from django.conf import settings
 from django.core.signals import request_finished, request_started
 from pydantic import BaseModel
 
@@ -31,8 +27,6 @@ from pydantic import BaseModel
 SETTINGS = [
     "HOST",
     "PORT",
-    "DEBUG",
-    "SECRET_KEY",
     "ALLOWED_HOSTS",
     "CORS_ORIGINS",
     "LOG_LEVEL",
@@ -47,9 +41,6 @@ SETTINGS = [
     "OPENAI_MAX_RETRIES",
     "MAX_MODEL_STEPS",
     "TOOL_TIMEOUT",
-    "LIMIT_CONCURRENCY",
-    "TIMEOUT_KEEP_ALIVE",
-    "FORWARDED_ALLOW_IPS",
 ]
 os.environ.update(dict.fromkeys(SETTINGS, ""))
 import app  # noqa: E402
@@ -115,14 +106,13 @@ def client(server: Server) -> Iterator[httpx.Client]:
 @pytest.fixture(autouse=True)
 def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts from the shipped defaults, with a mock that does not wait."""
-    monkeypatch.setattr(settings, "MOCK_DELAY", 0)
-    monkeypatch.setattr(settings, "HEARTBEAT_SECONDS", 0)
+    monkeypatch.setattr(app.config, "MOCK_DELAY", 0)
+    monkeypatch.setattr(app.config, "HEARTBEAT_SECONDS", 0)
 
 
 @pytest.fixture(params=PROTOCOLS)
 def protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    encoder = AssistantTransportEncoder() if request.param == "assistant-transport" else DataStreamEncoder()
-    monkeypatch.setattr(app, "ENCODER", encoder)
+    monkeypatch.setattr(app.config, "STREAM_PROTOCOL", request.param)
     return str(request.param)
 
 
@@ -294,7 +284,7 @@ def test_new_thread_gets_a_human_message_and_an_ai_reply(client: httpx.Client, s
 
 
 def test_reply_grows_by_append_text_in_pieces_over_time(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(settings, "MOCK_DELAY", 0.05)
+    monkeypatch.setattr(app.config, "MOCK_DELAY", 0.05)
     reply = chat(client, None, user_says("one two three four five six"))
     assert appended(reply, "content") == ["You", " said:", ' "one', " two", " three", " four", " five", ' six".']
     text_chunks = [at for at, chunk in reply.chunks if b"append-text" in chunk]
@@ -316,7 +306,6 @@ def test_images_become_image_url_blocks(client: httpx.Client) -> None:
         {"type": "text", "text": "look"},
         {"type": "image_url", "image_url": {"url": image}},
     ]
-    assert reply.messages[1]["content"] == 'You said: "look" and sent 1 image(s).'
 
 
 def test_every_added_message_has_a_unique_id(client: httpx.Client) -> None:
@@ -515,8 +504,8 @@ def test_stream_headers_tell_proxies_not_to_buffer(client: httpx.Client, protoco
 def test_keepalives_flow_while_the_run_is_idle(
     client: httpx.Client, protocol: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(settings, "MOCK_DELAY", 0.3)
-    monkeypatch.setattr(settings, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(app.config, "MOCK_DELAY", 0.3)
+    monkeypatch.setattr(app.config, "HEARTBEAT_SECONDS", 0.05)
     reply = chat(client, None, user_says("slow"), protocol=protocol)
     assert reply.keepalives >= 4
     assert text(reply.messages[1]) == 'You said: "slow".'
@@ -540,16 +529,13 @@ def test_error_mid_run_reaches_the_client_and_keeps_the_conversation(
     assert client.get("/health").status_code == 200
 
 
-def test_client_disconnect_stops_the_run(
-    server: Server, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(settings, "MOCK_DELAY", 0.05)
-    caplog.set_level(logging.INFO, logger="assistant_transport")
+def test_client_disconnect_stops_the_run(server: Server, client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app.config, "MOCK_DELAY", 0.05)
     baseline = server.task_count()
     with client.stream("POST", "/assistant", json={"commands": [user_says("word " * 200)]}) as response:
         next(response.iter_raw())
+        assert server.task_count() > baseline, "the run is under way"
     client.close()  # the tab closes: the connection goes away
-    assert wait_until(lambda: "Client disconnected; run stopped" in caplog.text, 1)
     assert wait_until(lambda: server.task_count() == baseline, 1), "a task outlived the disconnected stream"
 
 
@@ -557,7 +543,7 @@ def test_open_streams_do_not_each_hold_a_thread(server: Server, monkeypatch: pyt
     def sync_receiver(**kwargs: object) -> None:
         """A plain sync receiver, as a project adds: Django runs it in a worker thread."""
 
-    monkeypatch.setattr(settings, "MOCK_DELAY", 0.5)
+    monkeypatch.setattr(app.config, "MOCK_DELAY", 0.5)
     request_started.connect(sync_receiver)
     threads_before = threading.active_count()
     try:
@@ -642,15 +628,8 @@ REFUSALS = {
         b'"toolCallId": "c1", "result": [1, NaN]}], "state": {"messages": [{"type": "ai", "content": "", '
         b'"tool_calls": [{"id": "c1", "name": "t"}]}]}}',
     ),
-    "overflowing-number-in-state": Refusal("POST", "/assistant", b'{"commands": [], "state": {"zoom": 1e400}}'),
-    "proto-key-in-an-artifact": Refusal(
-        "POST",
-        "/assistant",
-        b'{"commands": [{"type": "add-tool-result", '
-        b'"toolCallId": "c1", "artifact": {"__proto__": {"admin": true}}}], "state": {"messages": [{"type": '
-        b'"ai", "content": "", "tool_calls": [{"id": "c1", "name": "t"}]}]}}',
-    ),
-    "constructor-key-in-state": Refusal("POST", "/assistant", b'{"commands": [], "state": {"p": {"constructor": 1}}}'),
+    "infinity-in-state": Refusal("POST", "/assistant", b'{"commands": [], "state": {"zoom": -Infinity}}'),
+    "an-array-for-a-body": Refusal("POST", "/assistant", b"[]"),
     "not-json-content-type": Refusal("POST", "/assistant", b'{"commands": []}', 415, {"Content-Type": "text/plain"}),
     "wrong-method": Refusal("GET", "/assistant", status=405, allow="POST"),
     "wrong-method-health": Refusal("DELETE", "/health", status=405, allow="GET, HEAD"),
@@ -739,11 +718,11 @@ def test_a_tool_result_for_a_call_an_earlier_edit_removed_is_refused(client: htt
 
 
 def test_body_over_the_size_limit_is_refused_with_413(client: httpx.Client) -> None:
-    padding = "x" * (settings.MAX_REQUEST_BYTES + 1)
+    padding = "x" * (app.config.MAX_REQUEST_BYTES + 1)
     body = json.dumps({"commands": [], "padding": padding}).encode()
     response = client.post("/assistant", content=body, headers={"Content-Type": "application/json", "Origin": FRONTEND})
     assert response.status_code == 413
-    assert str(settings.MAX_REQUEST_BYTES) in response.json()["error"]
+    assert str(app.config.MAX_REQUEST_BYTES) in response.json()["error"]
     assert response.headers["access-control-allow-origin"] == FRONTEND
 
 
@@ -797,7 +776,7 @@ def test_other_origins_get_no_cors_headers(client: httpx.Client) -> None:
 
 
 def test_any_origin_means_star_without_credentials(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app, "ANY_ORIGIN", True)
+    monkeypatch.setattr(app.config, "CORS_ORIGINS", ["*"])
     for response in (
         preflight(client, "https://anywhere.example"),
         client.get("/nope", headers={"Origin": "https://a.example"}),
@@ -882,7 +861,7 @@ def test_runserver_binds_the_address_given() -> None:
 def test_runserver_refuses_an_address_it_cannot_read() -> None:
     result = run_app("app.py", "runserver", "localhost:port")
     assert result.returncode == 2
-    assert "'localhost:port' is not a port or an address:port" in result.stderr
+    assert "'localhost:port' is not a port (1-65535) or an address:port" in result.stderr
 
 
 def test_runserver_reloads_a_changed_file_and_survives_a_syntax_error(tmp_path: Path) -> None:
@@ -911,7 +890,7 @@ def test_runserver_reloads_a_changed_file_and_survives_a_syntax_error(tmp_path: 
     ("name", "value", "reason"),
     [
         ("PORT", "abc", "Input should be a valid integer, unable to parse string as an integer"),
-        ("DEBUG", "maybe", "Input should be a valid boolean, unable to interpret input"),
+        ("MOCK_DELAY", "soon", "Input should be a valid number, unable to parse string as a number"),
         ("STREAM_PROTOCOL", "sse", "Input should be 'data-stream' or 'assistant-transport'"),
     ],
 )
@@ -938,40 +917,10 @@ def test_startup_logs_what_is_active_and_no_secret() -> None:
     assert "sk-secret" not in line
 
 
-@pytest.mark.parametrize("command", [["app.py"], ["app.py", "runserver"]], ids=["python-app", "runserver"])
-@pytest.mark.parametrize(("trusted", "logged"), [(None, "127.0.0.1"), ("", "127.0.0.1"), ("127.0.0.1", "203.0.113.9")])
-def test_x_forwarded_for_is_believed_only_from_the_proxies_named(
-    tmp_path: Path, command: list[str], trusted: str | None, logged: str
-) -> None:
-    log = tmp_path / "app.log"
-    with app_process(command, log=log, FORWARDED_ALLOW_IPS=trusted) as http:
-        http.get("/health", headers={"X-Forwarded-For": "203.0.113.9"})
-    access = [line for line in log.read_text().splitlines() if '"GET /health' in line]
-    assert access[-1].split()[1].startswith(f"{logged}:"), access[-1]
-
-
-@pytest.mark.parametrize("command", [["app.py"], ["app.py", "runserver"]], ids=["python-app", "runserver"])
-def test_the_server_answers_503_past_its_concurrency_limit(command: list[str]) -> None:
-    body = {"commands": [user_says("one two three four five six")]}
-    with app_process(command, LIMIT_CONCURRENCY="3", MOCK_DELAY="0.5") as http, ExitStack() as open_streams:
-        # The limit counts connections, the test client's idle ones included, so which request is the
-        # first past it depends on the client's pool; four streams are past it whichever it is.
-        statuses = [
-            open_streams.enter_context(http.stream("POST", "/assistant", json=body)).status_code for _ in range(4)
-        ]
-    assert statuses[0] == 200
-    assert 503 in statuses
-
-
 def test_app_py_doubles_as_manage_py() -> None:
     result = run_app("app.py", "check")
     assert result.returncode == 0, result.stderr
     assert "System check identified no issues" in result.stdout
-
-
-def test_debug_is_off_unless_set() -> None:
-    assert settings.DEBUG is False
-    assert run_app("-c", "import app; print(app.settings.DEBUG)", DEBUG="true").stdout.strip() == "True"
 
 
 def test_readme_shows_the_runtime_provider_the_browser_check_runs() -> None:
@@ -981,10 +930,10 @@ def test_readme_shows_the_runtime_provider_the_browser_check_runs() -> None:
 
 def test_every_setting_is_documented_and_kept_out_of_the_tests() -> None:
     example, readme = (HERE / ".env.example").read_text(), (HERE / "README.md").read_text()
-    for name in app.Environment.model_fields:
+    for name in app.Config.model_fields:
         assert f"\n{name}=" in example, f"{name} is not in .env.example"
         assert f"| `{name}` |" in readme, f"{name} is not in the README's table"
-    assert sorted(SETTINGS) == sorted(app.Environment.model_fields), "a developer's .env could reach the tests"
+    assert sorted(SETTINGS) == sorted(app.Config.model_fields), "a developer's .env could reach the tests"
 
 
 def test_readme_shows_the_server_tool_app_py_ships() -> None:
@@ -1320,39 +1269,16 @@ def test_model_reads_the_tool_results_model_content(client: httpx.Client, fake_o
     }
 
 
-def keys_and_numbers(value: Json) -> Iterator[Json]:
-    """Every key and every number in a JSON value, however deep."""
-    if isinstance(value, dict):
-        yield from value.keys()
-        value = list(value.values())
-    if isinstance(value, list):
-        for item in value:
-            yield from keys_and_numbers(item)
-    elif isinstance(value, float):
-        yield value
-
-
-@pytest.mark.parametrize(
-    ("arguments", "problem"),
-    [
-        ('{"zoom": NaN}', "the number nan"),
-        ('{"zoom": 1e400}', "the number inf"),
-        ('{"__proto__": {"admin": true}}', "the key '__proto__'"),
-        ("[1, 2]", "no JSON object"),
-        ('{"zoom": ', "no JSON object"),
-    ],
-)
+@pytest.mark.parametrize("arguments", ['{"zoom": NaN}', '{"zoom": -Infinity}', "[1, 2]", '{"zoom": '])
 def test_tool_arguments_the_client_cannot_decode_are_refused(
-    client: httpx.Client, fake_openai: FakeOpenAI, protocol: str, arguments: str, problem: str
+    client: httpx.Client, fake_openai: FakeOpenAI, protocol: str, arguments: str
 ) -> None:
     fake_openai.script = [calls_tools(("call_m", "render_map", [arguments]))]
     reply = send(client, {"commands": [user_says("map it")], "state": None}, protocol)
-    assert reply.errors == [f"The model request failed: The arguments for render_map hold {problem}"]
+    assert reply.errors == ["The model request failed: The arguments for render_map are not a JSON object"]
     (call,) = calls(reply.state)
     assert call["partial_json"] == arguments, "the text streamed; it is a string, which the client reads"
-    found = list(keys_and_numbers([operation.get("value") for operation in reply.operations]))
-    assert [item for item in found if isinstance(item, float) and not math.isfinite(item)] == []
-    assert app.RESERVED_KEYS.isdisjoint(item for item in found if isinstance(item, str))
+    assert call["args"] == {}, "the arguments the client cannot read were never set"
 
 
 def test_a_conversation_goes_on_after_a_step_with_broken_arguments(
@@ -1360,7 +1286,7 @@ def test_a_conversation_goes_on_after_a_step_with_broken_arguments(
 ) -> None:
     fake_openai.script = [calls_tools(("call_m", "render_map", ['{"zoom": '])), says("Sorry, here it is.")]
     failed = send(client, {"commands": [user_says("map it")], "state": None})
-    assert failed.errors == ["The model request failed: The arguments for render_map hold no JSON object"]
+    assert failed.errors == ["The model request failed: The arguments for render_map are not a JSON object"]
     assert failed.messages[1]["status"]["reason"] == "error"
     again = chat(client, failed.state, user_says("try again"))
     assert again.messages[-1]["content"] == "Sorry, here it is."
@@ -1685,7 +1611,7 @@ def test_two_server_tools_in_one_step_run_side_by_side(
     client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Each of the two calls waits until the other has started: run one after the other, the first times out.
-    monkeypatch.setattr(settings, "TOOL_TIMEOUT", 2)
+    monkeypatch.setattr(app.config, "TOOL_TIMEOUT", 2)
     fake_openai.script = [
         calls_tools(order("call_a", "lookup_order", 7), order("call_b", "lookup_order", 8)),
         says("Both shipped."),
@@ -1754,7 +1680,7 @@ def test_a_sync_server_tool_runs_off_the_event_loop(
 def test_a_server_tool_past_its_time_gives_an_error_result(
     client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    monkeypatch.setattr(settings, "TOOL_TIMEOUT", 0.2)
+    monkeypatch.setattr(app.config, "TOOL_TIMEOUT", 0.2)
     fake_openai.script = [calls_tools(order("call_s", name, 900)), says("It is taking too long.")]
     started = time.monotonic()
     reply = chat(client, None, user_says("Where is order 900?"))
@@ -1770,7 +1696,7 @@ def test_a_server_tool_past_its_time_gives_an_error_result(
 def test_the_step_bound_ends_the_run_with_a_readable_error(
     client: httpx.Client, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(settings, "MAX_MODEL_STEPS", 2)
+    monkeypatch.setattr(app.config, "MAX_MODEL_STEPS", 2)
     fake_openai.script = [calls_tools((f"call_{n}", "get_current_time", ['{"timezone": "UTC"}'])) for n in range(3)]
     reply = send(client, {"commands": [user_says("Keep asking the time")], "state": None})
     message = "The model request failed: The model still called tools after 2 steps (MAX_MODEL_STEPS)"
@@ -1798,8 +1724,8 @@ def test_reasoning_streams_into_a_reasoning_part_and_never_back_to_the_model(
     assert fake_openai.requests[1]["messages"][1] == {"role": "assistant", "content": "Hello!"}
 
 
-def test_a_frontend_tool_named_like_a_server_tool_gives_way_and_is_logged_once(
-    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, caplog: pytest.LogCaptureFixture
+def test_a_frontend_tool_named_like_a_server_tool_gives_way(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog
 ) -> None:
     frontend = {"lookup_order": {"description": "The browser's lookup", "parameters": {"type": "object"}}}
     fake_openai.script = [calls_tools(order("call_o", "lookup_order", 100)), says("Shipped.")]
@@ -1810,7 +1736,6 @@ def test_a_frontend_tool_named_like_a_server_tool_gives_way_and_is_logged_once(
         "Look up an order by its number."
     ]
     assert reply.messages[2]["content"] == {"order": 100, "state": "shipped"}, "the server ran it"
-    assert caplog.text.count("'lookup_order' is hidden by the server tool") == 1
 
 
 def test_disconnect_during_a_server_tool_cancels_it_within_a_second(
