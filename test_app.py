@@ -802,23 +802,28 @@ def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def app_process(
-    command: list[str], host: str = "127.0.0.1", log: Path | None = None, **env: str | None
+    command: list[str],
+    host: str = "127.0.0.1",
+    cwd: Path = HERE,
+    prefix: str = "",
+    log: Path | None = None,
+    **env: str | None,
 ) -> Iterator[httpx.Client]:
     """Start the app as a user would ("{port}" in the command is a free port), and wait until it answers.
 
     A setting given as None is left out of the environment altogether, as on a machine that never set it.
     """
     port = free_port()
-    output = log.open("w") if log else subprocess.DEVNULL  # uvicorn logs access to stdout, the rest to stderr
+    output = log.open("w") if log else subprocess.DEVNULL
     process = subprocess.Popen(
         [sys.executable, *(part.format(port=port) for part in command)],
-        cwd=HERE,
+        cwd=cwd,
         env={key: value for key, value in {**os.environ, "PORT": str(port), **env}.items() if value is not None},
         stdout=output,
         stderr=output,
     )
     try:
-        with httpx.Client(base_url=f"http://{host}:{port}", timeout=10) as http:
+        with httpx.Client(base_url=f"http://{host}:{port}/{prefix}", timeout=10) as http:
             assert wait_until(lambda: answers(http), 20), "the server did not start"
             yield http
     finally:
@@ -884,6 +889,43 @@ def test_runserver_reloads_a_changed_file_and_survives_a_syntax_error(tmp_path: 
         time.sleep(1.5)  # the reloader restarts the app, which fails to import
         copy.write_text(source.replace(version, '__version__ = "9.9.10"'))
         assert wait_until(lambda: serves(http, "9.9.10"), 20), "the reloader did not survive the syntax error"
+
+
+def test_runserver_reloads_when_env_changes_and_not_for_other_files(tmp_path: Path) -> None:
+    copy, log = tmp_path / "app.py", tmp_path / "server.log"
+    copy.write_text((HERE / "app.py").read_text())
+
+    def protocol(http: httpx.Client) -> str | None:
+        try:
+            return str(http.get("/health").json()["protocol"])
+        except httpx.TransportError:
+            return None
+
+    with app_process([str(copy), "runserver", "{port}"], log=log, STREAM_PROTOCOL=None) as http:
+        (tmp_path / "test_app.py").write_text("# a test edited beside app.py\n")
+        time.sleep(1.5)
+        assert "Reloading" not in log.read_text(), "a file other than app.py and .env restarted the server"
+        (tmp_path / ".env").write_text("STREAM_PROTOCOL=assistant-transport\n")
+        assert wait_until(lambda: protocol(http) == "assistant-transport", 20), "the changed .env was not picked up"
+
+
+def test_runserver_help_describes_the_runserver_that_runs() -> None:
+    asked = run_app("app.py", "runserver", "--help").stdout
+    assert "--noreload" in asked
+    assert "--ipv6" not in asked, "that is Django's own runserver, which this one replaces"
+    assert run_app("app.py", "help", "runserver").stdout == asked
+
+
+def test_runserver_refuses_a_port_out_of_range() -> None:
+    result = run_app("app.py", "runserver", "99999", "--noreload")
+    assert result.returncode == 2
+    assert "'99999' is not a port (1-65535) or an address:port" in result.stderr
+
+
+def test_check_deploy_finds_nothing_to_warn_about() -> None:
+    result = run_app("app.py", "check", "--deploy")
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -1763,43 +1805,88 @@ def test_model_errors_show_on_the_failed_ai_message(client: httpx.Client, fake_o
     assert reply.messages[1]["status"] == {"type": "incomplete", "reason": "error", "error": message}
 
 
-def test_sync_server_tools_can_use_the_database(tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
+# --- Inside an existing Django project, and the README's ORM tool -------------------------------
+
+
+def run_ok(cwd: Path, *args: str) -> None:
+    """Run python with these arguments in a folder, as a user would at a shell, and check it succeeded."""
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def readme_code(first_line: str) -> str:
+    """The README's Python block that begins with this line."""
+    readme = (HERE / "README.md").read_text()
+    start = readme.index(f"```python\n{first_line}") + len("```python\n")
+    return readme[start : readme.index("```", start)]
+
+
+def with_the_readme_orm_tool(source: str) -> str:
+    """app.py with the README's ORM tool pasted into its Server tools section, below SERVER_TOOLS."""
+    tool = readme_code("class UserLookup(BaseModel):")
+    return source.replace("# Their own threads:", f"{tool}\n\n# Their own threads:")
+
+
+def asks_when_ada_joined(http: httpx.Client, fake: FakeOpenAI) -> Reply:
+    """Ask the model (the fake) about a user, which it answers with the README's ORM tool."""
+    fake.requests, fake.script = [], [calls_tools(("call_u", "lookup_user", ['{"username": "ada"}'])), says("Today.")]
+    reply = chat(http, None, user_says("When did ada join?"))
+    assert [tool["function"]["name"] for tool in fake.requests[0]["tools"]] == ["get_current_time", "lookup_user"]
+    assert reply.messages[2]["content"] == {"username": "ada", "joined": datetime.now(UTC).date().isoformat()}
+    assert reply.messages[-1]["content"] == "Today."
+    return reply
+
+
+ADD_ADA = "from django.contrib.auth.models import User; User.objects.create_user('ada')"
+
+
+@pytest.mark.parametrize("prefix", ["", "chat/"], ids=["at-the-root", "under-a-prefix"])
+def test_one_include_serves_the_endpoint_inside_an_existing_project(
+    tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server], prefix: str
+) -> None:
     fake, running = fake_openai_server
-    fake.requests, fake.script = (
-        [],
-        [
-            calls_tools(("call_1", "count_visit", ["{}"])),
-            calls_tools(("call_2", "count_visit", ["{}"])),
-            says("Two visits."),
-        ],
+    run_ok(tmp_path, "-m", "django", "startproject", "mysite", ".")
+    (tmp_path / "app.py").write_text(with_the_readme_orm_tool((HERE / "app.py").read_text()))
+    # As the README says: app's middleware first in MIDDLEWARE, and one include in urls.py, here before
+    # the project's own URLs (and a view of its own after them), which must all still answer.
+    settings_file = tmp_path / "mysite" / "settings.py"
+    settings_file.write_text(
+        settings_file.read_text().replace("MIDDLEWARE = [\n", 'MIDDLEWARE = [\n    "app.cors_middleware",\n')
     )
-    # A project's copy of app.py: a database configured, and a tool that uses it.
-    source = (HERE / "app.py").read_text()
-    database = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "db.sqlite3")}}
-    source = source.replace("    LOGGING_CONFIG=None,", f"    LOGGING_CONFIG=None,\n    DATABASES={database!r},")
-    tool = '''
-class Visit(BaseModel):
-    """Count a visit."""
+    urls = tmp_path / "mysite" / "urls.py"
+    urls.write_text(
+        urls.read_text().replace("from django.urls import path", "from django.urls import include, path")
+        + "from django.http import HttpResponse\n\n"
+        + f'urlpatterns = [path("{prefix}", include("app")), *urlpatterns]\n'
+        + 'urlpatterns.append(path("ping/", lambda request: HttpResponse("pong")))\n'
+    )
+    run_ok(tmp_path, "manage.py", "migrate")
+    run_ok(tmp_path, "manage.py", "shell", "-c", ADD_ADA)
+    with app_process(
+        ["-m", "uvicorn", "mysite.asgi:application", "--port", "{port}"],
+        cwd=tmp_path,
+        prefix=prefix,
+        OPENAI_API_KEY="sk-env",
+        OPENAI_BASE_URL=f"{running.url}/v1",
+    ) as http:
+        asks_when_ada_joined(http, fake)
+        answer = preflight(http, FRONTEND)
+        assert (answer.status_code, answer.headers["access-control-allow-origin"]) == (204, FRONTEND)
+        root = http.base_url.copy_with(path="/")
+        assert http.get(root.join("ping/")).text == "pong"
+        assert http.get(root.join("admin/login/")).status_code == 200
 
 
-def count_visit(arguments: Visit) -> int:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("CREATE TABLE IF NOT EXISTS visits (at TEXT)")
-        cursor.execute("INSERT INTO visits VALUES (datetime())")
-        return int(cursor.execute("SELECT COUNT(*) FROM visits").fetchone()[0])
-
-
-SERVER_TOOLS["count_visit"] = (Visit, count_visit)
-'''
-    source = source.replace("# Their own threads:", tool + "\n# Their own threads:")
-    copy = tmp_path / "app.py"
-    copy.write_text(source)
-    with app_process([str(copy)], OPENAI_API_KEY="sk-env", OPENAI_BASE_URL=f"{running.url}/v1") as http:
-        reply = chat(http, None, user_says("Count my visits"))
-    assert [(m["status"], m["content"]) for m in reply.messages if m["type"] == "tool"] == [
-        ("success", 1),
-        ("success", 2),
-    ]
-    assert reply.messages[-1]["content"] == "Two visits."
+def test_the_readme_orm_tool_reads_the_database_standalone(
+    tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server]
+) -> None:
+    fake, running = fake_openai_server
+    database = "".join(f"        {line}\n" for line in readme_code("# app.py, in settings.configure").splitlines()[1:])
+    source = with_the_readme_orm_tool((HERE / "app.py").read_text())
+    (tmp_path / "app.py").write_text(
+        source.replace("    settings.configure(\n", f"    settings.configure(\n{database}")
+    )
+    run_ok(tmp_path, "app.py", "migrate")
+    run_ok(tmp_path, "app.py", "shell", "-c", ADD_ADA)
+    with app_process(["app.py"], cwd=tmp_path, OPENAI_API_KEY="sk-env", OPENAI_BASE_URL=f"{running.url}/v1") as http:
+        asks_when_ada_joined(http, fake)
