@@ -1881,7 +1881,12 @@ def test_the_readme_orm_tool_reads_the_database_standalone(
     tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server]
 ) -> None:
     fake, running = fake_openai_server
-    database = "".join(f"        {line}\n" for line in readme_code("# app.py, in settings.configure").splitlines()[1:])
+    added = [
+        line
+        for line in readme_code("settings.configure(").splitlines()
+        if line.startswith("    ") and "..." not in line
+    ]
+    database = "".join(f"    {line}\n" for line in added)
     source = with_the_readme_orm_tool((HERE / "app.py").read_text())
     (tmp_path / "app.py").write_text(
         source.replace("    settings.configure(\n", f"    settings.configure(\n{database}")
