@@ -56,8 +56,7 @@ except ImportError:  # the optional "openai" extra: only the OpenAI agent needs 
 
 __version__ = "0.3.0"
 
-# --- Configuration: every setting from the environment (and .env), read and checked once ---------
-
+# --- Configuration: every setting from the environment (or .env), read and checked once -----------
 CommaList = Annotated[list[str], BeforeValidator(lambda raw: [item.strip() for item in raw.split(",") if item.strip()])]
 
 
@@ -72,17 +71,14 @@ class Config(BaseModel):
     OPENAI_API_KEY: str = ""
     OPENAI_MODEL: str = "gpt-4o-mini"
     OPENAI_BASE_URL: str = ""
-    # Seconds to connect and between two reads, and retries: the SDK's own 600 s and 2 retries would
-    # let a hung model server keep a user waiting half an hour.
-    OPENAI_TIMEOUT: float = Field(30, gt=0)
+    OPENAI_TIMEOUT: float = Field(30, gt=0)  # the SDK's own 600 s, tried three times, is half an hour
     OPENAI_MAX_RETRIES: int = Field(1, ge=0, le=10)
     MOCK_DELAY: float = Field(0.05, ge=0, le=60)
-    # data-stream lines (the client's default), or SSE for a frontend made with protocol: "assistant-transport"
     STREAM_PROTOCOL: Literal["data-stream", "assistant-transport"] = "data-stream"
     HEARTBEAT_SECONDS: float = Field(15, ge=0, le=3600)
     MAX_REQUEST_BYTES: int = Field(10 * 1024 * 1024, gt=0)
-    MAX_MODEL_STEPS: int = Field(5, ge=1, le=100)  # model calls one request may make while server tools answer
-    TOOL_TIMEOUT: float = Field(30, gt=0)  # seconds one server tool call may take
+    MAX_MODEL_STEPS: int = Field(5, ge=1, le=100)
+    TOOL_TIMEOUT: float = Field(30, gt=0)
 
 
 # The environment wins over the .env file beside this one, which is read, not copied into os.environ.
@@ -111,9 +107,8 @@ if STANDALONE:
     )
 logger = logging.getLogger("assistant_transport")
 
+
 # --- Request models: what useAssistantTransportRuntime sends ----------------------------------------
-
-
 class TextPart(BaseModel):
     """Text the user typed."""
 
@@ -156,23 +151,17 @@ class AddToolResult(BaseModel):
     modelContent: JsonValue = None
 
 
-class CustomCommand(BaseModel):
-    """Any other command, from useAssistantTransportSendCommand; the agents ignore it."""
-
-    model_config = ConfigDict(extra="allow")
-    type: str
-
-
 def command_type(command: object) -> str:
-    """Route a command to its model; unknown types are custom commands, not errors."""
+    """Route a command to its model; any other type is a custom command, not an error."""
     kind = command.get("type") if isinstance(command, dict) else None
     return kind if kind in ("add-message", "add-tool-result") else "custom"
 
 
+# Custom commands (useAssistantTransportSendCommand) are accepted as they come; the agents ignore them.
 Command = Annotated[
     Annotated[AddMessage, Tag("add-message")]
     | Annotated[AddToolResult, Tag("add-tool-result")]
-    | Annotated[CustomCommand, Tag("custom")],
+    | Annotated[dict[str, JsonValue], Tag("custom")],
     Discriminator(command_type),
 ]
 
@@ -225,8 +214,7 @@ class CallSettings(BaseModel):
 class AssistantRequest(BaseModel):
     """The POST body. Other fields (threadId, config with its apiKey/baseUrl, ...) are ignored."""
 
-    # The client flushes a few queued commands at a time; a cap keeps one body from holding the loop.
-    commands: list[Command] = Field(max_length=100)
+    commands: list[Command] = Field(max_length=100)  # the client sends a few; a cap bounds the work
     state: AgentState | None = None
     system: str | None = None
     tools: dict[str, ToolDefinition] | None = None
@@ -247,7 +235,6 @@ def json_error(status: int, message: str, details: object = None, **headers: str
 
 
 # --- Middleware: CORS by hand, and the Host check that no built-in middleware does for us ----------
-
 CORS_METHODS = ("GET", "POST", "OPTIONS")
 View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 
@@ -257,8 +244,7 @@ def cors_middleware(get_response: View) -> View:
     """Check the Host, answer preflights, and put CORS headers on every answer, errors too."""
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
-        any_origin = "*" in config.CORS_ORIGINS
-        origin = request.META.get("HTTP_ORIGIN")
+        origin, any_origin = request.META.get("HTTP_ORIGIN"), "*" in config.CORS_ORIGINS
         origin_allowed = origin is not None and (any_origin or origin in config.CORS_ORIGINS)
         preflight_method = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")
         response: HttpResponseBase
@@ -279,8 +265,7 @@ def cors_middleware(get_response: View) -> View:
                 logger.warning("CORS preflight from %s for %s refused: see CORS_ORIGINS", origin, preflight_method)
                 origin_allowed = False
                 response = json_error(403, "CORS preflight refused: origin or method not allowed")
-        if origin_allowed:
-            # Credentials go only with an origin that was listed exactly, never with *.
+        if origin_allowed:  # credentials go only with an origin listed exactly, never with *
             response["Access-Control-Allow-Origin"] = "*" if any_origin else str(origin)
             if not any_origin:
                 response["Access-Control-Allow-Credentials"] = "true"
@@ -292,7 +277,6 @@ def cors_middleware(get_response: View) -> View:
 
 
 # --- The state: the commands applied to the LangChain messages the client holds ---------------------
-
 Message = dict[str, Any]  # a LangChain-style message, as JSON
 
 
@@ -321,14 +305,14 @@ def insertion_point(thread: list[Message], command: AddMessage) -> int:
     return len(thread)
 
 
-def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResult | CustomCommand]) -> list[Message]:
+def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
     """The thread after every command, in order; the messages the client sent are not changed."""
     thread = list(sent)
     for command in commands:
         if isinstance(command, AddMessage):
             del thread[insertion_point(thread, command) :]
             content = [
-                {"type": "text", "text": part.text}
+                part.model_dump()
                 if isinstance(part, TextPart)
                 else {"type": "image_url", "image_url": {"url": part.image}}
                 for part in command.message.parts
@@ -341,11 +325,11 @@ def apply_commands(sent: list[Message], commands: list[AddMessage | AddToolResul
             message = tool_message(calls[command.toolCallId], command.result, command.isError)
             extras = {"artifact": command.artifact, "model_content": command.modelContent}
             message |= {key: value for key, value in extras.items() if value is not None}
-            earlier = [at for at, existing in enumerate(thread) if existing.get("tool_call_id") == command.toolCallId]
-            if earlier:  # a retried request: the result replaces the first instead of repeating it
-                thread[earlier[0]] = message
-            else:
-                thread.append(message)
+            # A retried request's result replaces the first one instead of repeating it.
+            at = next(
+                (at for at, old in enumerate(thread) if old.get("tool_call_id") == command.toolCallId), len(thread)
+            )
+            thread[at : at + 1] = [message]
     return thread
 
 
@@ -363,12 +347,10 @@ def reply_awaited(thread: list[Message]) -> bool:
 
 
 # --- Agents: a mock or an OpenAI model streams chunks; one writer turns them into state operations ---
-
 Chunk = dict[str, Any]  # one chat.completion.chunk of a model's stream, as JSON
-
-# All that one request writes (text, reasoning, arguments, tool results, over all its steps), and so
-# all that a client which stops reading makes the server hold. assistant-stream copies a string for each
-# piece appended to it, so a reply costs the square of its length; the longest answers are about 64 K.
+# All that one request writes (text, reasoning, arguments, tool results, over all its steps), so all that
+# a client which stops reading makes the server hold. assistant-stream copies a string for each piece
+# appended to it, so a reply costs the square of its length; the longest answers are about 64 K.
 REPLY_LIMIT = 200_000  # characters
 
 
@@ -378,16 +360,12 @@ class ModelError(Exception):
 
 async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], allowance: int) -> int:
     """Write a model's streamed chunks into a new ai message as they arrive; return the characters written."""
-    # Every string starts empty and grows by append-text, the only way the client's strict decoder
-    # lets a string grow; a call's args are set once its partial_json is complete. Reasoning goes
-    # where convertLangChainMessages shows a reasoning part, and never back to the model.
     messages = controller.state["messages"]
     messages.append({"id": uuid.uuid4().hex, "type": "ai", "content": "", "tool_calls": []})
-    at = len(messages) - 1
-    calls: dict[int, int] = {}  # the model's index of each call -> its place in tool_calls
-    written = 0
+    at, written, calls = len(messages) - 1, 0, dict[int, int]()  # calls: a model's call index -> its place
 
     def append(path: list[str | int], text: str) -> None:
+        """Grow a string by append-text, the only way the client's strict decoder lets a string grow."""
         nonlocal written
         if (written := written + len(text)) > allowance:
             raise ModelError(f"The reply passed {REPLY_LIMIT} characters")
@@ -396,7 +374,7 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
     async for chunk in chunks:
         delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
         if reasoning := delta.get("reasoning_content") or delta.get("reasoning"):  # vLLM, DeepSeek; Ollama
-            if "additional_kwargs" not in messages[at]:
+            if "additional_kwargs" not in messages[at]:  # where convertLangChainMessages reads reasoning
                 summary = {"type": "reasoning", "summary": [{"type": "summary_text", "text": ""}]}
                 messages[at]["additional_kwargs"] = {"reasoning": summary}
             append(["additional_kwargs", "reasoning", "summary", 0, "text"], reasoning)
@@ -411,9 +389,9 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
             if function.get("arguments"):
                 append(["tool_calls", calls[index], "partial_json"], function["arguments"])
     for position, call in enumerate(messages[at]["tool_calls"]):  # plain values; writes go through the index
-        try:
+        try:  # args once the arguments are complete; small local models may write ones that are not JSON
             messages[at]["tool_calls"][position]["args"] = parse_object(call["partial_json"] or "{}")
-        except ValueError:  # cut off, or not JSON: small local models write such arguments
+        except ValueError:
             raise ModelError(f"The arguments for {call['name']} are not a JSON object") from None
     return written
 
@@ -425,19 +403,149 @@ def as_text(value: object) -> str:
 
 def text_of(content: JsonValue) -> str:
     """The text of a message's content: a string, or its text blocks joined."""
-    if isinstance(content, str):
-        return content
     blocks = content if isinstance(content, list) else []
-    return "".join(str(block["text"]) for block in blocks if isinstance(block, dict) and block.get("type") == "text")
+    texts = (str(block["text"]) for block in blocks if isinstance(block, dict) and block.get("type") == "text")
+    return content if isinstance(content, str) else "".join(texts)
 
 
-# --- Server tools: your Python functions, which the model may call; they run here ----------------
-# To add one: a Pydantic model of its arguments (its docstring is the description the model reads),
-# a function taking that model, sync or async, that returns anything JSON can hold, and an entry in
-# SERVER_TOOLS. A sync function runs in a worker thread, so Django ORM code works in it as in a sync
-# view. What a tool raises, and a tool past TOOL_TIMEOUT, become an error result the model reads.
+WEATHER_QUESTION = re.compile(r"\bweather\b", re.IGNORECASE)
+TIME_QUESTION = re.compile(r"\btime\b", re.IGNORECASE)
+TIME_ZONES = sorted(available_timezones())  # read once: listing them reads the time zone database
+# A place is the capitalised words after "in", "for" or "at": "in San Francisco today?".
+PLACE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]{0,40}(?:\s+[A-Z][\w'-]{0,40}){0,3})")
+MOCK_QUOTE = 500  # characters of the user's text (or a tool result) the mock repeats
 
 
+async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
+    """A scripted model: echo the user; asked the weather or the time, think, call the tool, then use its result."""
+    last, thought, asks = thread[-1], "", []  # asks: what the user asks about, the tool that knows, its arguments
+    if last["type"] == "tool":
+        verb = "failed" if last.get("status") == "error" else "answered"
+        reply = f"{last['name']} {verb}: {as_text(last['content'])[:MOCK_QUOTE]}"
+    else:
+        said = text_of(last["content"])
+        reply = f'You said: "{said[:MOCK_QUOTE]}".'
+        place = match.group(1) if (match := PLACE.search(said)) else None
+        if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in frontend_tools(request)):
+            asks.append(("weather", "get_weather", {"location": place or "San Francisco"}))
+        if TIME_QUESTION.search(said):  # the zone named after the place, as Asia/Tokyo is; else the place
+            zone = next((zone for zone in TIME_ZONES if zone.endswith(f"/{place}".replace(" ", "_"))), place or "UTC")
+            asks.append(("time", "get_current_time", {"timezone": zone}))
+        if asks:
+            topics, where = " and the ".join(ask[0] for ask in asks), place or next(iter(asks[0][2].values()))
+            reply += f" Let me check the {topics} in {where}."
+            thought = f"The user asks for the {topics} in {where}; {' and '.join(ask[1] for ask in asks)} can tell."
+    # In the order a model streams them: its reasoning, its text, then each tool call in pieces.
+    deltas: list[Chunk] = [{"reasoning_content": word} for word in re.findall(r"\s*\S+", thought)]
+    deltas += [{"content": word} for word in re.findall(r"\s*\S+", reply)]
+    for index, (_, name, arguments) in enumerate(asks):
+        call = {"index": index, "id": f"call_{uuid.uuid4().hex}", "function": {"name": name, "arguments": ""}}
+        pieces = re.findall(r"\s*\S+", json.dumps(arguments))
+        deltas += [{"tool_calls": [call]}]
+        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
+    for delta in deltas:
+        await asyncio.sleep(config.MOCK_DELAY)
+        yield {"choices": [{"index": 0, "delta": delta}]}
+
+
+model_client: "openai.AsyncOpenAI | None" = None
+if config.OPENAI_API_KEY:  # one client for the process: it keeps its connections to the model server open
+    model_client = openai.AsyncOpenAI(
+        api_key=config.OPENAI_API_KEY,
+        base_url=config.OPENAI_BASE_URL or None,
+        timeout=config.OPENAI_TIMEOUT,
+        max_retries=config.OPENAI_MAX_RETRIES,
+    )
+
+
+def model_messages(thread: list[Message], system: str | None) -> list[Any]:
+    """The thread as chat-completion messages, one for one, the system prompt first."""
+    answered = {message.get("tool_call_id") for message in thread if message["type"] == "tool"}
+    result: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for message in thread:
+        calls = message.get("tool_calls", [])
+        if message["type"] == "human":
+            result.append({"role": "user", "content": message["content"]})
+        elif message["type"] == "ai" and (text_of(message["content"]) or calls):
+            # The parsed args, not partial_json, which a step that failed may have left cut off.
+            functions = [{"name": call["name"], "arguments": as_text(call.get("args") or {})} for call in calls]
+            tool_calls = [
+                {"id": call["id"], "type": "function", "function": f} for call, f in zip(calls, functions, strict=True)
+            ]
+            result.append({"role": "assistant", "content": text_of(message["content"]) or None})
+            result[-1] |= {"tool_calls": tool_calls} if calls else {}
+            # The chat API rejects a call left unanswered, as when the user wrote on instead of letting it run.
+            unanswered = [call["id"] for call in calls if call["id"] not in answered]
+            result += [{"role": "tool", "tool_call_id": id_, "content": "The tool was not run."} for id_ in unanswered]
+        elif message["type"] == "tool":
+            # The model reads modelContent (text, or parts with text) when the frontend sent it, else the result.
+            content = message.get("model_content", message["content"])
+            text = text_of(content) if "model_content" in message and isinstance(content, list) else as_text(content)
+            text = f"Error: {text}" if message.get("status") == "error" else text
+            result.append({"role": "tool", "tool_call_id": message.get("tool_call_id"), "content": text})
+    return result
+
+
+MODEL_LINE_LIMIT = 1024 * 1024  # bytes of one line of the model's stream
+
+
+async def sse_chunks(received: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
+    """The chunks of a server-sent event stream, line by line; a line that never ends is an error, not a leak."""
+    unfinished = b""
+    async for piece in received:
+        *lines, unfinished = (unfinished + piece).split(b"\n")
+        if len(unfinished) > MODEL_LINE_LIMIT:
+            raise ModelError(f"The model server sent a line over {MODEL_LINE_LIMIT} bytes")
+        for line in lines:
+            if line.startswith(b"data:") and (data := line.removeprefix(b"data:").strip()) != b"[DONE]":
+                yield parse_object(data)
+
+
+async def openai_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
+    """Stream a chat completion with the frontend's and the server's tools, as the plain chunks the server sends."""
+    assert model_client is not None, "openai_agent runs only when OPENAI_API_KEY is set"
+    options: dict[str, Any] = request.callSettings.model_dump(exclude_none=True) if request.callSettings else {}
+    tools: list[Any] = [
+        {"type": "function", "function": {"name": name, **tool.model_dump(exclude={"disabled"}, exclude_none=True)}}
+        for name, tool in frontend_tools(request).items()
+    ]
+    tools += [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
+    options |= {"tools": tools} if tools else {}
+    # The raw lines, not the SDK's typed chunks: building those objects costs about 70 µs a chunk, and
+    # reading the lines relays 5x the tokens per core (bench/tokens.py). The client still brings auth,
+    # retries, timeouts and typed errors, and leaving the block closes the upstream request.
+    async with model_client.chat.completions.with_streaming_response.create(
+        model=config.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
+    ) as response:
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            raise ModelError(f"The model server answered {response.headers.get('content-type')}, not a stream")
+        try:
+            async for chunk in sse_chunks(response.iter_bytes()):
+                if error := chunk.get("error"):  # an error after the 200, inside the stream
+                    raise ModelError(error.get("message") if isinstance(error, dict) else str(error))
+                yield chunk
+        except ModelError:
+            raise
+        except Exception as error:  # the SDK types errors up to the headers; a timeout after them is httpx's
+            raise ModelError(f"{type(error).__name__} while the reply streamed") from error
+
+
+def describe(error: Exception) -> str:
+    """A failed run in words the user can act on; the log keeps the whole error."""
+    if isinstance(error, ModelError):
+        return f"The model request failed: {error}"
+    if openai is None or not isinstance(error, openai.APIError):
+        return "The assistant failed while replying. The server log has the details."
+    if isinstance(error, openai.APIStatusError):  # the server's own words: a bad key, a rate limit, ...
+        detail = error.body.get("message") if isinstance(error.body, dict) else None
+        return f"The model server answered {error.status_code}: {detail or error.message}"
+    return f"The model request failed: {error.message}"  # a timeout, a refused connection
+
+
+run_agent = openai_agent if model_client else mock_agent  # the agent every run uses
+
+
+# --- Server tools: your Python functions, which the model may call and this backend runs -----------
 class CurrentTime(BaseModel):
     """Get the current date and time in a time zone."""
 
@@ -453,17 +561,12 @@ def get_current_time(arguments: CurrentTime) -> dict[str, str]:
     return {"timezone": arguments.timezone, "time": now.isoformat(timespec="seconds"), "weekday": now.strftime("%A")}
 
 
+# Each tool: the model of its arguments (its docstring is what the model reads) and a sync or async function.
 SERVER_TOOLS: dict[str, tuple[type[BaseModel], Callable[[Any], Any]]] = {
-    "get_current_time": (CurrentTime, get_current_time)
+    "get_current_time": (CurrentTime, get_current_time),
 }
 # Their own threads: a sync tool that hangs must not take the threads the event loop resolves host names in.
 TOOL_THREADS = ThreadPoolExecutor(thread_name_prefix="server-tool")
-
-
-def frontend_tools(request: AssistantRequest) -> dict[str, ToolDefinition]:
-    """The frontend's tools the model may call: those it sent, less disabled ones and server tools' names."""
-    tools = request.tools or {}
-    return {name: tool for name, tool in tools.items() if not tool.disabled and name not in SERVER_TOOLS}
 
 
 def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> object:
@@ -505,155 +608,13 @@ async def run_server_tools(controller: RunController, allowance: int) -> int:
     return written
 
 
-WEATHER_QUESTION = re.compile(r"\bweather\b", re.IGNORECASE)
-TIME_QUESTION = re.compile(r"\btime\b", re.IGNORECASE)
-TIME_ZONES = sorted(available_timezones())  # read once: listing them reads the time zone database
-# A place is the capitalised words after "in", "for" or "at": "in San Francisco today?".
-PLACE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]{0,40}(?:\s+[A-Z][\w'-]{0,40}){0,3})")
-MOCK_QUOTE = 500  # characters of the user's text (or a tool result) the mock repeats
+def frontend_tools(request: AssistantRequest) -> dict[str, ToolDefinition]:
+    """The frontend's tools the model may call: those it sent, less disabled ones and server tools' names."""
+    tools = request.tools or {}
+    return {name: tool for name, tool in tools.items() if not tool.disabled and name not in SERVER_TOOLS}
 
-
-async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
-    """A scripted model: echo the user; asked the weather or the time, think, call the tool, then use its result."""
-    last = thread[-1]
-    thought, asks = "", []  # asks: what the user asks about, the tool that knows, and its arguments
-    if last["type"] == "tool":
-        verb = "failed" if last.get("status") == "error" else "answered"
-        reply = f"{last['name']} {verb}: {as_text(last['content'])[:MOCK_QUOTE]}"
-    else:
-        said = text_of(last["content"])
-        reply = f'You said: "{said[:MOCK_QUOTE]}".'
-        place = match.group(1) if (match := PLACE.search(said)) else None
-        if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in frontend_tools(request)):
-            asks.append(("weather", "get_weather", {"location": place or "San Francisco"}))
-        if TIME_QUESTION.search(said):  # get_current_time is a server tool: this backend runs it
-            # The zone named after the place, as Asia/Tokyo is; a place without one is passed as it is.
-            named = (zone for zone in TIME_ZONES if zone.endswith(f"/{place}".replace(" ", "_")))
-            asks.append(("time", "get_current_time", {"timezone": next(named, place or "UTC")}))
-        if asks:
-            topics, where = " and the ".join(ask[0] for ask in asks), place or next(iter(asks[0][2].values()))
-            reply += f" Let me check the {topics} in {where}."
-            thought = f"The user asks for the {topics} in {where}; {' and '.join(ask[1] for ask in asks)} can tell."
-    # In the order a model streams them: its reasoning, its text, then each tool call in pieces.
-    deltas: list[dict[str, Any]] = [{"reasoning_content": word} for word in re.findall(r"\s*\S+", thought)]
-    deltas += [{"content": word} for word in re.findall(r"\s*\S+", reply)]
-    for index, (_, name, arguments) in enumerate(asks):
-        call = {"index": index, "id": f"call_{uuid.uuid4().hex}", "type": "function"}
-        deltas.append({"tool_calls": [{**call, "function": {"name": name, "arguments": ""}}]})
-        pieces = re.findall(r"\s*\S+", json.dumps(arguments))
-        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
-    for delta in deltas:
-        await asyncio.sleep(config.MOCK_DELAY)
-        yield {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
-
-
-# One client for the process: it keeps its connections to the model server open between runs.
-model_client: "openai.AsyncOpenAI | None" = None
-if config.OPENAI_API_KEY:
-    model_client = openai.AsyncOpenAI(
-        api_key=config.OPENAI_API_KEY,
-        base_url=config.OPENAI_BASE_URL or None,
-        timeout=config.OPENAI_TIMEOUT,
-        max_retries=config.OPENAI_MAX_RETRIES,
-    )
-
-
-def model_messages(thread: list[Message], system: str | None) -> list[Any]:
-    """The thread as chat-completion messages, one for one, the system prompt first."""
-    answered = {message.get("tool_call_id") for message in thread if message["type"] == "tool"}
-    result: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    for message in thread:
-        calls = message.get("tool_calls", [])
-        if message["type"] == "human":
-            result.append({"role": "user", "content": message["content"]})
-        elif message["type"] == "ai" and (text_of(message["content"]) or calls):
-            step: dict[str, Any] = {"role": "assistant", "content": text_of(message["content"]) or None}
-            if calls:  # the parsed args, not partial_json: a step that failed may have left that cut off
-                step["tool_calls"] = [
-                    {
-                        "id": call["id"],
-                        "type": "function",
-                        "function": {"name": call["name"], "arguments": as_text(call.get("args") or {})},
-                    }
-                    for call in calls
-                ]
-            result.append(step)
-            # The chat API rejects a call left unanswered, as when the user wrote on instead of letting it run.
-            unanswered = [call["id"] for call in calls if call["id"] not in answered]
-            result += [{"role": "tool", "tool_call_id": id_, "content": "The tool was not run."} for id_ in unanswered]
-        elif message["type"] == "tool":
-            # The model reads modelContent (text, or parts with text) when the frontend sent it, else the result.
-            content = message.get("model_content", message["content"])
-            text = text_of(content) if "model_content" in message and isinstance(content, list) else as_text(content)
-            text = f"Error: {text}" if message.get("status") == "error" else text
-            result.append({"role": "tool", "tool_call_id": message.get("tool_call_id"), "content": text})
-    return result
-
-
-MODEL_LINE_LIMIT = 1024 * 1024  # bytes of one line of the model's stream
-
-
-async def sse_chunks(received: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
-    """The chunks of a server-sent event stream, line by line; a line that never ends is an error, not a leak."""
-    unfinished = b""
-    async for piece in received:
-        *lines, unfinished = (unfinished + piece).split(b"\n")
-        if len(unfinished) > MODEL_LINE_LIMIT:
-            raise ModelError(f"The model server sent a line over {MODEL_LINE_LIMIT} bytes")
-        for line in lines:
-            data = line.removeprefix(b"data:").strip()
-            if line.startswith(b"data:") and data != b"[DONE]":
-                yield parse_object(data)
-
-
-async def openai_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
-    """Stream a chat completion with the frontend's and the server's tools, as the plain chunks the server sends."""
-    assert model_client is not None, "openai_agent runs only when OPENAI_API_KEY is set"
-    options: dict[str, Any] = request.callSettings.model_dump(exclude_none=True) if request.callSettings else {}
-    tools: list[Any] = [
-        {"type": "function", "function": {"name": name, **tool.model_dump(exclude={"disabled"}, exclude_none=True)}}
-        for name, tool in frontend_tools(request).items()
-    ]
-    tools += [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
-    if tools:
-        options["tools"] = tools
-    # The raw lines, not the SDK's typed chunks: building those objects costs about 70 µs a chunk, and
-    # reading the lines relays 5x the tokens per core (bench/tokens.py). The client still brings auth,
-    # retries, timeouts and typed errors, and leaving the block closes the upstream request.
-    async with model_client.chat.completions.with_streaming_response.create(
-        model=config.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
-    ) as response:
-        if not response.headers.get("content-type", "").startswith("text/event-stream"):
-            kind = response.headers.get("content-type") or "no content type"
-            raise ModelError(f"The model server answered {kind}, not a stream")
-        try:
-            async for chunk in sse_chunks(response.iter_bytes()):
-                if error := chunk.get("error"):  # an error after the 200, inside the stream
-                    raise ModelError(error.get("message") if isinstance(error, dict) else str(error))
-                yield chunk
-        except ModelError:
-            raise
-        except Exception as error:  # the SDK types errors up to the headers; a timeout after them is httpx's
-            raise ModelError(f"{type(error).__name__} while the reply streamed") from error
-
-
-def describe(error: Exception) -> str:
-    """A failed run in words the user can act on; the log keeps the whole error."""
-    if isinstance(error, ModelError):
-        return f"The model request failed: {error}"
-    if openai is None or not isinstance(error, openai.APIError):
-        return "The assistant failed while replying. The server log has the details."
-    if isinstance(error, openai.APIStatusError):  # the server's own words: a bad key, a rate limit, ...
-        detail = error.body.get("message") if isinstance(error.body, dict) else None
-        return f"The model server answered {error.status_code}: {detail or error.message}"
-    return f"The model request failed: {error.message}"  # a timeout, a refused connection, an error mid-stream
-
-
-run_agent = openai_agent if model_client else mock_agent  # the agent every run uses
 
 # --- The endpoint: parse the body, apply its commands, run the agent, stream the state -------------
-
-
 @csrf_exempt  # a JSON API called cross-origin without cookies: CORS guards it, not a CSRF token
 async def assistant(request: HttpRequest) -> HttpResponseBase:
     """POST /assistant: apply the commands to the state the client sent, then stream the agent's changes."""
@@ -668,8 +629,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         state = body.state.model_dump(exclude_unset=True) if body.state is not None else None
         sent: list[Message] = state.get("messages", []) if state else []
         thread = apply_commands(sent, body.commands)
-    except ValidationError as error:
-        # A body can hold a million mistakes; the first few dozen tell the client what is wrong.
+    except ValidationError as error:  # a body can hold a million mistakes; a few dozen tell what is wrong
         problems = error.errors(include_url=False, include_context=False, include_input=False)
         message = f"Body does not match the request schema: {len(problems)} problem(s), the first 20 listed"
         return json_error(400, message, problems[:20])
@@ -680,12 +640,11 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
 
     async def run(controller: RunController) -> None:
         """Send the new messages; then, while a reply is awaited, the agent takes a step and server tools answer it."""
-        # Only the new messages go out, unless an edit cut the thread the client sent.
         if controller.state is None:
             controller.state = {"messages": thread}
-        elif "messages" in controller.state and thread[: len(sent)] == sent:
+        elif "messages" in controller.state and thread[: len(sent)] == sent:  # only what is new goes out
             controller.state["messages"].extend(thread[len(sent) :])
-        else:
+        else:  # an edit cut the thread the client sent
             controller.state["messages"] = thread
         written = 0
         try:
@@ -696,32 +655,30 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
                     raise ModelError(f"The model still called tools after {step} steps (MAX_MODEL_STEPS)")
                 written += await write_reply(controller, run_agent(messages, body), REPLY_LIMIT - written)
                 written += await run_server_tools(controller, REPLY_LIMIT - written)
-        except Exception as error:  # reported on the stream, which still ends cleanly with the conversation
+        except Exception as error:  # an error frame, and a stream that still ends cleanly with the conversation
             logger.exception("Run failed")
-            message = describe(error)
+            message, now = describe(error), list(controller.state["messages"])
             # The failed step's ai message shows the error where its reply would have been.
-            failure, now = (
-                {"type": "incomplete", "reason": "error", "error": message},
-                list(controller.state["messages"]),
-            )
             if replies := [at for at in range(len(thread), len(now)) if now[at]["type"] == "ai"]:
-                controller.state["messages"][replies[-1]]["status"] = failure
+                controller.state["messages"][replies[-1]]["status"] = {
+                    "type": "incomplete",
+                    "reason": "error",
+                    "error": message,
+                }
             controller.add_error(message)
 
     encoder = AssistantTransportEncoder() if config.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
     stream = encoder.encode_stream(create_run(run, state=state))
     if config.HEARTBEAT_SECONDS:
         stream = add_keepalive(stream, config.HEARTBEAT_SECONDS, encoder.get_keepalive_token())
-    # Tell every proxy on the way not to cache or buffer the stream (nginx reads X-Accel-Buffering).
+    # No proxy on the way may cache or buffer the stream (nginx reads X-Accel-Buffering); charset= as well
+    # as the content type spares Django re-parsing it for every chunk (6% of a streamed reply).
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    # charset= as well as the header spares Django re-parsing the content type for every chunk (6%).
     media_type = f"{encoder.get_media_type()}; charset=utf-8"
     return StreamingHttpResponse(stream, content_type=media_type, charset="utf-8", headers=headers)
 
 
 # --- Health: what an operator wants to see at a glance, never a secret ------------------------------
-
-
 async def health(request: HttpRequest) -> HttpResponseBase:
     """GET /health: liveness, and which agent answers."""
     if request.method not in ("GET", "HEAD"):
@@ -737,7 +694,6 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
 
 
 # --- URLs and the ASGI application -----------------------------------------------------------------
-
 urlpatterns = [path("assistant", assistant), path("health", health)]
 handler404 = not_found  # used only where this file is the root URLconf
 
@@ -773,8 +729,6 @@ if STANDALONE:
 
 
 # --- main: serve with uvicorn, or run any other Django management command ---------------------------
-
-
 def main() -> None:
     """Serve with uvicorn (`runserver` too, with reload), or run any other Django management command."""
     if sys.argv[1:] == ["help", "runserver"]:  # Django's help would describe its own runserver

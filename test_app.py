@@ -1384,7 +1384,7 @@ MODEL_ERRORS = {
         "The model server answered 429: Rate limit reached for requests",
     ),
     "server-error": (fails(500, "The server had an error"), "The model server answered 500: The server had an error"),
-    "stalls-mid-stream": (says("late", delay=2), "The model request failed: ReadTimeout while the reply streamed."),
+    "stalls-mid-stream": (says("late", delay=2), "The model request failed: ReadTimeout while the reply streamed"),
     "not-a-stream": (
         Completion(content_type="text/html; charset=utf-8"),
         "The model request failed: The model server answered text/html; charset=utf-8, not a stream",

@@ -7,8 +7,8 @@ Usage:
 
 Each round starts the Django app and then the twin (A B A B ...) under the same uvicorn settings,
 with the server pinned to one core and the load generators to the other, and measures:
-- POST /assistant (the mock, no delay) and GET /health with wrk: requests/s, p50 and p99 latency,
-  at 1, 16 and 64 connections;
+- POST /assistant (the mock, no delay) with wrk: requests/s, p50 and p99 latency, at 1, 16 and 64
+  connections;
 - time to first byte, and the gaps between the chunks of a 200-piece reply made 5 ms apart;
 - 1,000 streams held open: the server's threads and RSS before, during and after;
 - 1,000 open streams of which 300 disconnect mid-stream: threads, tasks and RSS afterwards against
@@ -274,9 +274,8 @@ def measure(framework: str, seconds: int) -> dict[str, float]:
     results: dict[str, float] = {}
     with serving(framework) as server:
         for connections in (1, 16, 64):
-            for name, path, payload in (("assistant", "/assistant", body(5)), ("health", "/health", None)):
-                for key, value in wrk(server, path, connections, seconds, payload).items():
-                    results[f"{name}_c{connections}_{key}"] = value
+            for key, value in wrk(server, "/assistant", connections, seconds, body(5)).items():
+                results[f"assistant_c{connections}_{key}"] = value
     with serving(framework, MOCK_DELAY=str(PACE)) as server:
         timings = [chunk_timing(server) for _ in range(5)]
         results |= {key: statistics.median(t[key] for t in timings) for key in timings[0]}
@@ -303,12 +302,6 @@ ROWS = [
     ],
     *[
         (f"assistant_c{c}_{p}", f"POST /assistant c={c} {p.replace('_ms', '')} ms", None)
-        for c in (1, 16, 64)
-        for p in ("p50_ms", "p99_ms")
-    ],
-    *[(f"health_c{c}_rps", f"GET /health c={c} req/s", ("ratio>=", 0.6)) for c in (1, 16, 64)],
-    *[
-        (f"health_c{c}_{p}", f"GET /health c={c} {p.replace('_ms', '')} ms", None)
         for c in (1, 16, 64)
         for p in ("p50_ms", "p99_ms")
     ],

@@ -9,6 +9,7 @@ from the functions app.py defines; it leaves out the view's edit case, its step 
 from typing import Any
 
 from assistant_stream import RunController, create_run
+from assistant_stream.serialization import DataStreamEncoder
 from assistant_stream.serialization.heartbeat import add_keepalive
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,10 +19,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 import app
 
 twin = FastAPI()
-twin.add_middleware(TrustedHostMiddleware, allowed_hosts=app.settings.ALLOWED_HOSTS)
+twin.add_middleware(TrustedHostMiddleware, allowed_hosts=app.config.ALLOWED_HOSTS)
 twin.add_middleware(
     CORSMiddleware,
-    allow_origins=app.settings.CORS_ORIGINS,
+    allow_origins=app.config.CORS_ORIGINS,
     allow_credentials=True,
     allow_methods=["*"],
     allow_headers=["*"],
@@ -34,27 +35,28 @@ async def assistant(body: app.AssistantRequest) -> StreamingResponse:
     state: dict[str, Any] | None = body.state.model_dump(exclude_unset=True) if body.state is not None else None
     sent = state.get("messages", []) if state else []
     thread = app.apply_commands(sent, body.commands)
-    backlog = app.Backlog()
 
     async def run(controller: RunController) -> None:
         if controller.state is None:
             controller.state = {"messages": thread}
         else:
             controller.state["messages"].extend(thread[len(sent) :])
-        for _ in range(app.settings.MAX_MODEL_STEPS):  # the view's steps, without its step-bound error
+        written = 0
+        for _ in range(app.config.MAX_MODEL_STEPS):  # the view's steps, without its step-bound error
             if not app.reply_awaited(messages := list(controller.state["messages"])):
                 return
-            await app.write_reply(controller, app.run_agent(messages, body), backlog)
-            await app.run_server_tools(controller)
+            written += await app.write_reply(controller, app.run_agent(messages, body), app.REPLY_LIMIT - written)
+            written += await app.run_server_tools(controller, app.REPLY_LIMIT - written)
 
-    stream = app.ENCODER.encode_stream(backlog.taking(create_run(run, state=state)))
-    if app.settings.HEARTBEAT_SECONDS:
-        stream = add_keepalive(stream, app.settings.HEARTBEAT_SECONDS, app.ENCODER.get_keepalive_token())
+    encoder = DataStreamEncoder()  # the benchmarks use the default wire format
+    stream = encoder.encode_stream(create_run(run, state=state))
+    if app.config.HEARTBEAT_SECONDS:
+        stream = add_keepalive(stream, app.config.HEARTBEAT_SECONDS, encoder.get_keepalive_token())
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream, media_type=f"{app.ENCODER.get_media_type()}; charset=utf-8", headers=headers)
+    return StreamingResponse(stream, media_type=f"{encoder.get_media_type()}; charset=utf-8", headers=headers)
 
 
 @twin.get("/health")
 async def health() -> JSONResponse:
-    """The same body as app.py's health view, encoded per request as Django does."""
-    return JSONResponse(app.HEALTH)
+    """What the benchmark polls until the server is up."""
+    return JSONResponse({"status": "healthy"})

@@ -17,7 +17,7 @@ async def typed_agent(thread: list[app.Message], request: app.AssistantRequest) 
     assert app.model_client is not None, "the typed variant needs OPENAI_API_KEY"
     messages: Any = app.model_messages(thread, request.system)
     stream = await app.model_client.chat.completions.create(
-        model=app.settings.OPENAI_MODEL, messages=messages, stream=True
+        model=app.config.OPENAI_MODEL, messages=messages, stream=True
     )
     async with stream:
         async for chunk in stream:
