@@ -39,8 +39,7 @@ from django.core.exceptions import DisallowedHost
 from django.core.management import execute_from_command_line
 from django.core.management.commands.runserver import naiveip_re
 from django.db import close_old_connections
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.http.response import HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.urls import path
 from django.utils.cache import patch_vary_headers
 from django.utils.decorators import async_only_middleware
@@ -192,33 +191,14 @@ class AgentState(BaseModel):
     messages: list[StateMessage] = []
 
 
-class ToolDefinition(BaseModel):
-    """A frontend tool the model may call."""
-
-    description: str | None = None
-    parameters: dict[str, JsonValue] = {}
-    disabled: bool = False
-
-
-class CallSettings(BaseModel):
-    """Sampling settings from the frontend's model context, by their OpenAI names once dumped."""
-
-    max_tokens: int | None = Field(None, alias="maxTokens", gt=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, alias="topP", ge=0, le=1)
-    presence_penalty: float | None = Field(None, alias="presencePenalty", ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, alias="frequencyPenalty", ge=-2, le=2)
-    seed: int | None = None
-
-
 class AssistantRequest(BaseModel):
     """The POST body. Other fields (threadId, config with its apiKey/baseUrl, ...) are ignored."""
 
     commands: list[Command] = Field(max_length=100)  # the client sends a few; a cap bounds the work
     state: AgentState | None = None
     system: str | None = None
-    tools: dict[str, ToolDefinition] | None = None
-    callSettings: CallSettings | None = None
+    tools: dict[str, dict[str, JsonValue]] | None = None  # name -> description, parameters, disabled
+    callSettings: dict[str, JsonValue] = {}  # maxTokens, temperature, ...: the model server checks them
 
 
 def parse_object(text: str | bytes) -> dict[str, Any]:
@@ -245,27 +225,25 @@ def cors_middleware(get_response: View) -> View:
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
         origin, any_origin = request.META.get("HTTP_ORIGIN"), "*" in config.CORS_ORIGINS
-        origin_allowed = origin is not None and (any_origin or origin in config.CORS_ORIGINS)
-        preflight_method = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")
+        method = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD") if request.method == "OPTIONS" else None
+        allowed = (
+            origin is not None and (any_origin or origin in config.CORS_ORIGINS) and method in (None, *CORS_METHODS)
+        )
         response: HttpResponseBase
         try:
             request.get_host()
         except DisallowedHost as error:
-            logger.warning("%s", error)
-            response = json_error(400, "Host not allowed (see ALLOWED_HOSTS)")
+            response = json_error(400, "Host not allowed (see ALLOWED_HOSTS)", str(error))
         else:
-            if request.method != "OPTIONS" or preflight_method is None:
+            if method is None:  # not a preflight
                 response = await get_response(request)
-            elif origin_allowed and preflight_method in CORS_METHODS:
-                response = HttpResponse(status=204)
+            elif allowed:
+                response = HttpResponse(status=204, headers={"Access-Control-Max-Age": "600"})
                 response["Access-Control-Allow-Methods"] = ", ".join(CORS_METHODS)
                 response["Access-Control-Allow-Headers"] = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")
-                response["Access-Control-Max-Age"] = "600"
             else:  # a refusal carries no Access-Control-Allow-* header at all
-                logger.warning("CORS preflight from %s for %s refused: see CORS_ORIGINS", origin, preflight_method)
-                origin_allowed = False
-                response = json_error(403, "CORS preflight refused: origin or method not allowed")
-        if origin_allowed:  # credentials go only with an origin listed exactly, never with *
+                response = json_error(403, f"CORS preflight from {origin} for {method} refused (see CORS_ORIGINS)")
+        if allowed:  # credentials go only with an origin listed exactly, never with *
             response["Access-Control-Allow-Origin"] = "*" if any_origin else str(origin)
             if not any_origin:
                 response["Access-Control-Allow-Credentials"] = "true"
@@ -290,31 +268,24 @@ def tool_message(call: Message, result: JsonValue, failed: bool) -> Message:
     return message | {"content": result, "status": "error" if failed else "success"}
 
 
-def insertion_point(thread: list[Message], command: AddMessage) -> int:
-    """Where a new user message goes: after its parent, so an edit drops the older branch; else at the end."""
-    ids = [message.get("id") for message in thread]
-    if command.parentId is not None and command.parentId in ids:
-        end = ids.index(command.parentId) + 1
-        # assistant-ui shows an ai message with the tool and ai messages after it as one reply, under the
-        # first one's id, so a parent that is a reply ends where that run of messages ends.
-        while end < len(thread) and {thread[end - 1]["type"], thread[end]["type"]} <= {"ai", "tool"}:
-            end += 1
-        return end
-    if command.sourceId is not None and command.sourceId in ids:  # the first message, edited
-        return ids.index(command.sourceId)
-    return len(thread)
-
-
 def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
     """The thread after every command, in order; the messages the client sent are not changed."""
     thread = list(sent)
     for command in commands:
-        if isinstance(command, AddMessage):
-            del thread[insertion_point(thread, command) :]
+        if isinstance(command, AddMessage):  # after its parent, if it names one: an edit drops what followed
+            ids = [message.get("id") for message in thread]
+            if command.parentId is not None and command.parentId in ids:
+                cut = ids.index(command.parentId) + 1
+                # assistant-ui shows ai and tool messages in a row as one reply with the first's id: keep them all.
+                while cut < len(thread) and {thread[cut - 1]["type"], thread[cut]["type"]} <= {"ai", "tool"}:
+                    cut += 1
+                del thread[cut:]
+            elif command.sourceId is not None and command.sourceId in ids:  # the first message, edited
+                del thread[ids.index(command.sourceId) :]
             content = [
-                part.model_dump()
-                if isinstance(part, TextPart)
-                else {"type": "image_url", "image_url": {"url": part.image}}
+                {"type": "image_url", "image_url": {"url": part.image}}
+                if isinstance(part, ImagePart)
+                else part.model_dump()
                 for part in command.message.parts
             ]
             thread.append({"id": uuid.uuid4().hex, "type": "human", "content": content})
@@ -348,9 +319,8 @@ def reply_awaited(thread: list[Message]) -> bool:
 
 # --- Agents: a mock or an OpenAI model streams chunks; one writer turns them into state operations ---
 Chunk = dict[str, Any]  # one chat.completion.chunk of a model's stream, as JSON
-# All that one request writes (text, reasoning, arguments, tool results, over all its steps), so all that
-# a client which stops reading makes the server hold. assistant-stream copies a string for each piece
-# appended to it, so a reply costs the square of its length; the longest answers are about 64 K.
+# All one request writes (text, reasoning, arguments, tool results, over all steps): all a client that stops
+# reading makes the server hold. Each appended piece copies its string, so a reply costs its length squared.
 REPLY_LIMIT = 200_000  # characters
 
 
@@ -418,27 +388,23 @@ MOCK_QUOTE = 500  # characters of the user's text (or a tool result) the mock re
 
 async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
     """A scripted model: echo the user; asked the weather or the time, think, call the tool, then use its result."""
-    last, thought, asks = thread[-1], "", []  # asks: what the user asks about, the tool that knows, its arguments
+    last, asks = thread[-1], []  # asks: the tools that know the answer, with their arguments
+    said = "" if last["type"] == "tool" else text_of(last["content"])
+    place = match.group(1) if (match := PLACE.search(said)) else None
+    if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in frontend_tools(request)):
+        asks.append(("get_weather", {"location": place or "San Francisco"}))
+    if TIME_QUESTION.search(said):  # the zone named after the place, as Asia/Tokyo is; else the place
+        zone = next((zone for zone in TIME_ZONES if zone.endswith(f"/{place}".replace(" ", "_"))), place or "UTC")
+        asks.append(("get_current_time", {"timezone": zone}))
+    reply = f'You said: "{said[:MOCK_QUOTE]}".' + (" Let me check." if asks else "")
     if last["type"] == "tool":
         verb = "failed" if last.get("status") == "error" else "answered"
         reply = f"{last['name']} {verb}: {as_text(last['content'])[:MOCK_QUOTE]}"
-    else:
-        said = text_of(last["content"])
-        reply = f'You said: "{said[:MOCK_QUOTE]}".'
-        place = match.group(1) if (match := PLACE.search(said)) else None
-        if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in frontend_tools(request)):
-            asks.append(("weather", "get_weather", {"location": place or "San Francisco"}))
-        if TIME_QUESTION.search(said):  # the zone named after the place, as Asia/Tokyo is; else the place
-            zone = next((zone for zone in TIME_ZONES if zone.endswith(f"/{place}".replace(" ", "_"))), place or "UTC")
-            asks.append(("time", "get_current_time", {"timezone": zone}))
-        if asks:
-            topics, where = " and the ".join(ask[0] for ask in asks), place or next(iter(asks[0][2].values()))
-            reply += f" Let me check the {topics} in {where}."
-            thought = f"The user asks for the {topics} in {where}; {' and '.join(ask[1] for ask in asks)} can tell."
+    thought = f"I should ask {' and '.join(name for name, _ in asks)}, then answer." if asks else ""
     # In the order a model streams them: its reasoning, its text, then each tool call in pieces.
     deltas: list[Chunk] = [{"reasoning_content": word} for word in re.findall(r"\s*\S+", thought)]
     deltas += [{"content": word} for word in re.findall(r"\s*\S+", reply)]
-    for index, (_, name, arguments) in enumerate(asks):
+    for index, (name, arguments) in enumerate(asks):
         call = {"index": index, "id": f"call_{uuid.uuid4().hex}", "function": {"name": name, "arguments": ""}}
         pieces = re.findall(r"\s*\S+", json.dumps(arguments))
         deltas += [{"tool_calls": [call]}]
@@ -487,6 +453,7 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
 
 
 MODEL_LINE_LIMIT = 1024 * 1024  # bytes of one line of the model's stream
+SAMPLING = ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")  # callSettings
 
 
 async def sse_chunks(received: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
@@ -504,11 +471,13 @@ async def sse_chunks(received: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
 async def openai_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
     """Stream a chat completion with the frontend's and the server's tools, as the plain chunks the server sends."""
     assert model_client is not None, "openai_agent runs only when OPENAI_API_KEY is set"
-    options: dict[str, Any] = request.callSettings.model_dump(exclude_none=True) if request.callSettings else {}
-    tools: list[Any] = [
-        {"type": "function", "function": {"name": name, **tool.model_dump(exclude={"disabled"}, exclude_none=True)}}
+    sampling = {re.sub("([A-Z])", r"_\1", key).lower(): value for key, value in request.callSettings.items()}
+    options: dict[str, Any] = {key: value for key, value in sampling.items() if key in SAMPLING and value is not None}
+    offered = {
+        name: {key: tool[key] for key in ("description", "parameters") if key in tool}
         for name, tool in frontend_tools(request).items()
-    ]
+    }
+    tools: list[Any] = [{"type": "function", "function": {"name": name, **tool}} for name, tool in offered.items()]
     tools += [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
     options |= {"tools": tools} if tools else {}
     # The raw lines, not the SDK's typed chunks: building those objects costs about 70 µs a chunk, and
@@ -562,9 +531,7 @@ def get_current_time(arguments: CurrentTime) -> dict[str, str]:
 
 
 # Each tool: the model of its arguments (its docstring is what the model reads) and a sync or async function.
-SERVER_TOOLS: dict[str, tuple[type[BaseModel], Callable[[Any], Any]]] = {
-    "get_current_time": (CurrentTime, get_current_time),
-}
+SERVER_TOOLS: dict[str, tuple[type[BaseModel], Any]] = {"get_current_time": (CurrentTime, get_current_time)}
 # Their own threads: a sync tool that hangs must not take the threads the event loop resolves host names in.
 TOOL_THREADS = ThreadPoolExecutor(thread_name_prefix="server-tool")
 
@@ -608,10 +575,10 @@ async def run_server_tools(controller: RunController, allowance: int) -> int:
     return written
 
 
-def frontend_tools(request: AssistantRequest) -> dict[str, ToolDefinition]:
+def frontend_tools(request: AssistantRequest) -> dict[str, dict[str, JsonValue]]:
     """The frontend's tools the model may call: those it sent, less disabled ones and server tools' names."""
     tools = request.tools or {}
-    return {name: tool for name, tool in tools.items() if not tool.disabled and name not in SERVER_TOOLS}
+    return {name: tool for name, tool in tools.items() if not tool.get("disabled") and name not in SERVER_TOOLS}
 
 
 # --- The endpoint: parse the body, apply its commands, run the agent, stream the state -------------
@@ -658,13 +625,9 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         except Exception as error:  # an error frame, and a stream that still ends cleanly with the conversation
             logger.exception("Run failed")
             message, now = describe(error), list(controller.state["messages"])
-            # The failed step's ai message shows the error where its reply would have been.
+            failure = {"type": "incomplete", "reason": "error", "error": message}  # shown where the reply would be
             if replies := [at for at in range(len(thread), len(now)) if now[at]["type"] == "ai"]:
-                controller.state["messages"][replies[-1]]["status"] = {
-                    "type": "incomplete",
-                    "reason": "error",
-                    "error": message,
-                }
+                controller.state["messages"][replies[-1]]["status"] = failure
             controller.add_error(message)
 
     encoder = AssistantTransportEncoder() if config.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
@@ -673,9 +636,8 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         stream = add_keepalive(stream, config.HEARTBEAT_SECONDS, encoder.get_keepalive_token())
     # No proxy on the way may cache or buffer the stream (nginx reads X-Accel-Buffering); charset= as well
     # as the content type spares Django re-parsing it for every chunk (6% of a streamed reply).
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    media_type = f"{encoder.get_media_type()}; charset=utf-8"
-    return StreamingHttpResponse(stream, content_type=media_type, charset="utf-8", headers=headers)
+    headers, media_type = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, encoder.get_media_type()
+    return StreamingHttpResponse(stream, content_type=f"{media_type}; charset=utf-8", charset="utf-8", headers=headers)
 
 
 # --- Health: what an operator wants to see at a glance, never a secret ------------------------------
@@ -701,20 +663,19 @@ django_application = get_asgi_application()
 # Django runs each request's sync work (closing the response, sync signal receivers) in a worker thread
 # of its own, which an open stream holds until it ends. One shared worker keeps the thread count flat.
 SYNC_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-sync")
+Receive = Callable[[], Awaitable[dict[str, Any]]]  # ASGI's callables
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 
-async def application(
-    scope: dict[str, Any],
-    receive: Callable[[], Awaitable[dict[str, Any]]],
-    send: Callable[[Mapping[str, Any]], Awaitable[None]],
-) -> None:
+async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """The ASGI app: Django with one shared sync worker; uvicorn's start-up and shut-down messages answered."""
     if scope["type"] == "lifespan":  # Django answers these with an error; it has nothing to start or stop
         while (await receive())["type"] != "lifespan.shutdown":
             agent = f"openai, model {config.OPENAI_MODEL}" if model_client else "mock (no OPENAI_API_KEY)"
-            active = f"{agent}; server tools: {','.join(SERVER_TOOLS) or 'none'}; {config.STREAM_PROTOCOL}"
             hosts = f"CORS_ORIGINS={','.join(config.CORS_ORIGINS)}; ALLOWED_HOSTS={','.join(settings.ALLOWED_HOSTS)}"
-            logger.info("Agent: %s; %s", active, hosts)
+            logger.info(
+                "Agent: %s; server tools: %s; %s; %s", agent, ",".join(SERVER_TOOLS), config.STREAM_PROTOCOL, hosts
+            )
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return

@@ -77,7 +77,7 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       assert.deepEqual(state.messages.map((message) => message.type), ["human", "ai", "tool", "ai"]);
       const [, asked, answer, closing] = state.messages;
       assert.deepEqual(asked.additional_kwargs.reasoning.summary,
-        [{ type: "summary_text", text: "The user asks for the time in Tokyo; get_current_time can tell." }]);
+        [{ type: "summary_text", text: "I should ask get_current_time, then answer." }]);
       assert.deepEqual(asked.tool_calls[0].args, { timezone: "Asia/Tokyo" });
       assert.equal(answer.tool_call_id, asked.tool_calls[0].id);
       assert.match(answer.content.time, /\+09:00$/);
@@ -132,14 +132,14 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       });
     });
 
-    const refused = [["NaN", '{"zoom": NaN}', "the number nan"], ["__proto__", '{"__proto__": {"admin": true}}', "the key '__proto__'"]];
-    for (const [name, text, problem] of refused) {
+    const refused = [["NaN", '{"zoom": NaN}'], ["no object", "[1, 2]"]];
+    for (const [name, text] of refused) {
       test(`tool arguments holding ${name} end in an error the decoder reads, not a broken stream`, async () => {
         const call = { index: 0, id: "call_m", type: "function", function: { name: "render_map", arguments: "" } };
         const events = [{ tool_calls: [call] }, { tool_calls: [{ index: 0, function: { arguments: text } }] }];
         await withModel(protocol, events, async (withAModel) => {
           const { state, error } = await converse(null, [userSays("map it")], withAModel);
-          assert.equal(error, `The model request failed: The arguments for render_map hold ${problem}`);
+          assert.equal(error, "The model request failed: The arguments for render_map are not a JSON object");
           assert.equal(state.messages[1].tool_calls[0].partial_json, text);
         });
       });
