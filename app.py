@@ -100,7 +100,6 @@ if STANDALONE:
         ALLOWED_HOSTS=config.ALLOWED_HOSTS,
         # No built-in middleware: each is sync-first and would move every request to a thread.
         MIDDLEWARE=[f"{__name__}.cors_middleware"],
-        LOGGING_CONFIG=None,  # logging is configured above, once
         # check --deploy: no HTML to frame, no cookies to forge, nothing signed; HTTPS is the proxy's.
         SILENCED_SYSTEM_CHECKS=["security.W001", "security.W002", "security.W003", "security.W009"],
     )
@@ -108,26 +107,19 @@ logger = logging.getLogger("assistant_transport")
 
 
 # --- Request models: what useAssistantTransportRuntime sends ----------------------------------------
-class TextPart(BaseModel):
-    """Text the user typed."""
+class Part(BaseModel):
+    """A part of the user's message: text, or an image as a URL or a data: URL."""
 
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(BaseModel):
-    """An image the user attached, as a URL or a data: URL."""
-
-    type: Literal["image"]
-    image: str
+    type: Literal["text", "image"]
+    text: str = ""
+    image: str = ""
 
 
 class UserMessage(BaseModel):
     """The message an add-message command carries: the user's text and images."""
 
     role: Literal["user"]
-    # A cap far above what a message holds lets Pydantic stop at once on a body of a million parts.
-    parts: list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] = Field(max_length=100)
+    parts: list[Part] = Field(max_length=100)  # far above what a message holds: a million parts stop at once
 
 
 class AddMessage(BaseModel):
@@ -147,16 +139,15 @@ class AddToolResult(BaseModel):
     result: JsonValue = None
     isError: bool = False
     artifact: JsonValue = None
-    modelContent: JsonValue = None
+    modelContent: JsonValue = Field(None, serialization_alias="model_content")
 
 
 def command_type(command: object) -> str:
-    """Route a command to its model; any other type is a custom command, not an error."""
+    """Route a command to its model; any other (useAssistantTransportSendCommand's) is kept as it came."""
     kind = command.get("type") if isinstance(command, dict) else None
     return kind if kind in ("add-message", "add-tool-result") else "custom"
 
 
-# Custom commands (useAssistantTransportSendCommand) are accepted as they come; the agents ignore them.
 Command = Annotated[
     Annotated[AddMessage, Tag("add-message")]
     | Annotated[AddToolResult, Tag("add-tool-result")]
@@ -224,11 +215,10 @@ def cors_middleware(get_response: View) -> View:
     """Check the Host, answer preflights, and put CORS headers on every answer, errors too."""
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
-        origin, any_origin = request.META.get("HTTP_ORIGIN"), "*" in config.CORS_ORIGINS
+        origin, origins = request.META.get("HTTP_ORIGIN"), config.CORS_ORIGINS
         method = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD") if request.method == "OPTIONS" else None
-        allowed = (
-            origin is not None and (any_origin or origin in config.CORS_ORIGINS) and method in (None, *CORS_METHODS)
-        )
+        any_origin = "*" in origins
+        allowed = origin is not None and (any_origin or origin in origins) and method in (None, *CORS_METHODS)
         response: HttpResponseBase
         try:
             request.get_host()
@@ -258,10 +248,6 @@ def cors_middleware(get_response: View) -> View:
 Message = dict[str, Any]  # a LangChain-style message, as JSON
 
 
-class UnknownToolCallError(LookupError):
-    """An add-tool-result names a tool call that no ai message in the thread holds."""
-
-
 def tool_message(call: Message, result: JsonValue, failed: bool) -> Message:
     """The tool message answering a call, holding the result as the tool gave it, so its UI reads it back."""
     message = {"id": uuid.uuid4().hex, "type": "tool", "tool_call_id": call["id"], "name": call["name"]}
@@ -284,22 +270,20 @@ def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
                 del thread[ids.index(command.sourceId) :]
             content = [
                 {"type": "image_url", "image_url": {"url": part.image}}
-                if isinstance(part, ImagePart)
-                else part.model_dump()
+                if part.type == "image"
+                else part.model_dump(exclude={"image"})
                 for part in command.message.parts
             ]
             thread.append({"id": uuid.uuid4().hex, "type": "human", "content": content})
         elif isinstance(command, AddToolResult):
             calls = {call["id"]: call for message in thread for call in message.get("tool_calls", [])}
             if command.toolCallId not in calls:
-                raise UnknownToolCallError(command.toolCallId)
+                raise LookupError(command.toolCallId)  # the view answers 400
             message = tool_message(calls[command.toolCallId], command.result, command.isError)
-            extras = {"artifact": command.artifact, "model_content": command.modelContent}
-            message |= {key: value for key, value in extras.items() if value is not None}
+            message |= command.model_dump(include={"artifact", "modelContent"}, exclude_none=True, by_alias=True)
             # A retried request's result replaces the first one instead of repeating it.
-            at = next(
-                (at for at, old in enumerate(thread) if old.get("tool_call_id") == command.toolCallId), len(thread)
-            )
+            answered = [existing.get("tool_call_id") for existing in thread]
+            at = answered.index(command.toolCallId) if command.toolCallId in answered else len(thread)
             thread[at : at + 1] = [message]
     return thread
 
@@ -378,8 +362,6 @@ def text_of(content: JsonValue) -> str:
     return content if isinstance(content, str) else "".join(texts)
 
 
-WEATHER_QUESTION = re.compile(r"\bweather\b", re.IGNORECASE)
-TIME_QUESTION = re.compile(r"\btime\b", re.IGNORECASE)
 TIME_ZONES = sorted(available_timezones())  # read once: listing them reads the time zone database
 # A place is the capitalised words after "in", "for" or "at": "in San Francisco today?".
 PLACE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]{0,40}(?:\s+[A-Z][\w'-]{0,40}){0,3})")
@@ -391,9 +373,11 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
     last, asks = thread[-1], []  # asks: the tools that know the answer, with their arguments
     said = "" if last["type"] == "tool" else text_of(last["content"])
     place = match.group(1) if (match := PLACE.search(said)) else None
-    if WEATHER_QUESTION.search(said) and (request.tools is None or "get_weather" in frontend_tools(request)):
+    if re.search(r"\bweather\b", said, re.IGNORECASE) and (
+        request.tools is None or "get_weather" in frontend_tools(request)
+    ):
         asks.append(("get_weather", {"location": place or "San Francisco"}))
-    if TIME_QUESTION.search(said):  # the zone named after the place, as Asia/Tokyo is; else the place
+    if re.search(r"\btime\b", said, re.IGNORECASE):  # the zone named after the place, as Asia/Tokyo is; else the place
         zone = next((zone for zone in TIME_ZONES if zone.endswith(f"/{place}".replace(" ", "_"))), place or "UTC")
         asks.append(("get_current_time", {"timezone": zone}))
     reply = f'You said: "{said[:MOCK_QUOTE]}".' + (" Let me check." if asks else "")
@@ -480,9 +464,8 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
     tools: list[Any] = [{"type": "function", "function": {"name": name, **tool}} for name, tool in offered.items()]
     tools += [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
     options |= {"tools": tools} if tools else {}
-    # The raw lines, not the SDK's typed chunks: building those objects costs about 70 µs a chunk, and
-    # reading the lines relays 5x the tokens per core (bench/tokens.py). The client still brings auth,
-    # retries, timeouts and typed errors, and leaving the block closes the upstream request.
+    # The raw lines, not the SDK's typed chunks (70 µs a chunk to build): 5x the tokens per core (bench/tokens.py).
+    # The client still brings auth, retries, timeouts and typed errors; leaving the block closes the request.
     async with model_client.chat.completions.with_streaming_response.create(
         model=config.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
     ) as response:
@@ -501,14 +484,12 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
 
 def describe(error: Exception) -> str:
     """A failed run in words the user can act on; the log keeps the whole error."""
-    if isinstance(error, ModelError):
-        return f"The model request failed: {error}"
-    if openai is None or not isinstance(error, openai.APIError):
-        return "The assistant failed while replying. The server log has the details."
-    if isinstance(error, openai.APIStatusError):  # the server's own words: a bad key, a rate limit, ...
+    if openai is not None and isinstance(error, openai.APIStatusError):  # the server's words: a bad key, a limit
         detail = error.body.get("message") if isinstance(error.body, dict) else None
         return f"The model server answered {error.status_code}: {detail or error.message}"
-    return f"The model request failed: {error.message}"  # a timeout, a refused connection
+    if isinstance(error, ModelError) or (openai is not None and isinstance(error, openai.APIError)):
+        return f"The model request failed: {error}"  # a limit, a broken stream, a timeout, a refused connection
+    return "The assistant failed while replying. The server log has the details."
 
 
 run_agent = openai_agent if model_client else mock_agent  # the agent every run uses
@@ -602,7 +583,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         return json_error(400, message, problems[:20])
     except ValueError as error:  # not JSON, not UTF-8, NaN, nested too deep
         return json_error(400, "Body is not a JSON object", str(error))
-    except UnknownToolCallError as error:
+    except LookupError as error:  # an add-tool-result whose call no ai message in the thread holds
         return json_error(400, "add-tool-result for a tool call that is not in the state", [str(error)])
 
     async def run(controller: RunController) -> None:
@@ -673,9 +654,7 @@ async def application(scope: dict[str, Any], receive: Receive, send: Send) -> No
         while (await receive())["type"] != "lifespan.shutdown":
             agent = f"openai, model {config.OPENAI_MODEL}" if model_client else "mock (no OPENAI_API_KEY)"
             hosts = f"CORS_ORIGINS={','.join(config.CORS_ORIGINS)}; ALLOWED_HOSTS={','.join(settings.ALLOWED_HOSTS)}"
-            logger.info(
-                "Agent: %s; server tools: %s; %s; %s", agent, ",".join(SERVER_TOOLS), config.STREAM_PROTOCOL, hosts
-            )
+            logger.info(f"Agent: {agent}; server tools: {','.join(SERVER_TOOLS)}; {config.STREAM_PROTOCOL}; {hosts}")
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
