@@ -626,9 +626,9 @@ async def health(request: HttpRequest) -> HttpResponseBase:
     """GET /health: liveness, and which agent answers."""
     if request.method not in ("GET", "HEAD"):
         return json_error(405, "Method not allowed here; use GET or HEAD", Allow="GET, HEAD")
-    agent = {"agent": "openai", "model": config.OPENAI_MODEL} if model_client else {"agent": "mock", "model": None}
+    agent, model = ("openai", config.OPENAI_MODEL) if model_client else ("mock", None)
     service = {"status": "healthy", "service": "assistant-transport-backend-django", "version": __version__}
-    return JsonResponse({**service, **agent, "protocol": config.STREAM_PROTOCOL})
+    return JsonResponse({**service, "agent": agent, "model": model, "protocol": config.STREAM_PROTOCOL})
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponseBase:

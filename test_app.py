@@ -309,6 +309,15 @@ def test_images_become_image_url_blocks(client: httpx.Client) -> None:
     ]
 
 
+@pytest.mark.parametrize("ascii_only", [True, False], ids=["escaped", "raw-utf8"])
+def test_text_outside_ascii_arrives_as_typed(client: httpx.Client, ascii_only: bool) -> None:
+    body = json.dumps({"commands": [user_says("Café … 東京")]}, ensure_ascii=ascii_only).encode()
+    with client.stream("POST", "/assistant", content=body, headers={"Content-Type": "application/json"}) as response:
+        reply = Reply(response.status_code, response.headers, [(0, chunk) for chunk in response.iter_raw()])
+    decode(reply, None, "data-stream")
+    assert text(reply.messages[0]) == "Café … 東京"
+
+
 def test_every_added_message_has_a_unique_id(client: httpx.Client) -> None:
     first = chat(client, None, user_says("one"))
     second = chat(client, first.state, user_says("two"))
