@@ -597,8 +597,8 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         written = 0
         try:
             for step in range(config.MAX_MODEL_STEPS + 1):
-                if not reply_awaited(messages := list(controller.state["messages"])):
-                    return  # the agent answered in text, or called a frontend tool that the browser runs
+                if thread == sent or not reply_awaited(messages := list(controller.state["messages"])):
+                    return  # only custom commands came; or the agent answered in text, or called a frontend tool
                 if step == config.MAX_MODEL_STEPS:
                     raise ModelError(f"The model still called tools after {step} steps (MAX_MODEL_STEPS)")
                 written += await write_reply(controller, run_agent(messages, body), REPLY_LIMIT - written)

@@ -379,6 +379,13 @@ def test_custom_command_is_accepted_and_changes_nothing(client: httpx.Client) ->
     assert reply.state == first.state
 
 
+def test_a_custom_command_alone_never_starts_the_agent(client: httpx.Client) -> None:
+    unanswered: Json = {"messages": [{"id": "m1", "type": "human", "content": "hello?"}]}  # as a failed run leaves it
+    for commands in ([{"type": "set-mood", "mood": "cheerful"}], []):
+        reply = chat(client, unanswered, *commands)
+        assert reply.state == unanswered, "the agent spoke without being asked"
+
+
 def test_request_fields_the_backend_does_not_read_are_accepted(client: httpx.Client) -> None:
     extra: dict[str, Any] = {"threadId": "t1", "parentId": None, "runConfig": {}, "Test-Body": "test-value"}
     reply = chat(client, None, user_says("hi"), **extra)
