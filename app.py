@@ -64,7 +64,7 @@ class Config(BaseModel):
 
     HOST: str = "127.0.0.1"
     PORT: int = Field(8002, gt=0, lt=65536)
-    ALLOWED_HOSTS: CommaList = ["localhost", "127.0.0.1", "[::1]"]
+    ALLOWED_HOSTS: Annotated[CommaList, Field(min_length=1)] = ["localhost", "127.0.0.1", "[::1]"]
     CORS_ORIGINS: CommaList = ["http://localhost:3000"]
     LOG_LEVEL: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(str.upper)] = "INFO"
     OPENAI_API_KEY: str = ""
@@ -540,7 +540,7 @@ async def call_server_tool(call: Message) -> tuple[JsonValue, bool]:
     except TimeoutError:  # an async tool is cancelled; a sync one cannot be, and finishes unheard
         return f"{call['name']} did not finish within TOOL_TIMEOUT ({config.TOOL_TIMEOUT:g} seconds)", True
     except Exception as error:
-        logger.exception("Server tool %s failed", call["name"])
+        logger.warning("Server tool %s failed: %r", call["name"], error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return f"{call['name']} failed: {type(error).__name__}: {error}", True
     return result, False
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -949,13 +950,16 @@ def test_check_deploy_finds_nothing_to_warn_about() -> None:
     [
         ("PORT", "abc", "Input should be a valid integer, unable to parse string as an integer"),
         ("MOCK_DELAY", "soon", "Input should be a valid number, unable to parse string as a number"),
+        ("ALLOWED_HOSTS", ",,,", "should have at least 1 item after validation, not 0"),
         ("STREAM_PROTOCOL", "sse", "Input should be 'data-stream' or 'assistant-transport'"),
     ],
 )
 def test_bad_setting_stops_startup_with_one_clear_line(name: str, value: str, reason: str) -> None:
     result = run_app("app.py", "check", **{name: value})
     assert result.returncode != 0
-    assert result.stderr.strip() == f"Invalid setting {name}={value!r}: {reason}."
+    line = result.stderr.strip()
+    assert line.startswith(f"Invalid setting {name}={value!r}: "), line
+    assert line.endswith(f"{reason}."), "one line, in pydantic's words"
 
 
 def test_startup_logs_what_is_active_and_no_secret() -> None:
@@ -1724,7 +1728,21 @@ def test_a_server_tool_that_raises_gives_the_model_an_error_result(
     assert (failed["status"], failed["content"]) == ("error", "sync_order failed: LookupError: No order 13")
     assert fake_openai.requests[1]["messages"][-1]["content"] == "Error: sync_order failed: LookupError: No order 13"
     assert reply.messages[-1]["content"] == "There is no order 13."
-    assert "Traceback" in caplog.text
+    (logged,) = [record for record in caplog.records if record.name == "assistant_transport"]
+    assert logged.getMessage() == "Server tool sync_order failed: LookupError('No order 13')"
+    assert not logged.exc_info, "a traceback per failed call floods the log; it is there at DEBUG"
+
+
+def test_failed_tool_calls_log_a_line_each_and_their_tracebacks_at_debug(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="assistant_transport")
+    calls = [order(f"call_{n}", "sync_order", 13) for n in range(3)]
+    fake_openai.script = [calls_tools(*calls), says("None of them exist.")]
+    chat(client, None, user_says("Where are orders 13, 13 and 13?"))
+    failures = [record for record in caplog.records if record.getMessage().startswith("Server tool sync_order failed")]
+    assert len(failures) == 3
+    assert all(record.exc_info for record in failures), "at DEBUG the traceback comes with the line"
 
 
 def test_server_tool_arguments_its_model_refuses_give_an_error_result(
