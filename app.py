@@ -493,6 +493,7 @@ def describe(error: Exception) -> str:
 
 
 run_agent = openai_agent if model_client else mock_agent  # the agent every run uses
+ENCODER = AssistantTransportEncoder() if config.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
 
 
 # --- Server tools: your Python functions, which the model may call and this backend runs -----------
@@ -611,13 +612,12 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
                 controller.state["messages"][replies[-1]]["status"] = failure
             controller.add_error(message)
 
-    encoder = AssistantTransportEncoder() if config.STREAM_PROTOCOL == "assistant-transport" else DataStreamEncoder()
-    stream = encoder.encode_stream(create_run(run, state=state))
+    stream = ENCODER.encode_stream(create_run(run, state=state))
     if config.HEARTBEAT_SECONDS:
-        stream = add_keepalive(stream, config.HEARTBEAT_SECONDS, encoder.get_keepalive_token())
+        stream = add_keepalive(stream, config.HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
     # No proxy on the way may cache or buffer the stream (nginx reads X-Accel-Buffering); charset= as well
     # as the content type spares Django re-parsing it for every chunk (6% of a streamed reply).
-    headers, media_type = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, encoder.get_media_type()
+    headers, media_type = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, ENCODER.get_media_type()
     return StreamingHttpResponse(stream, content_type=f"{media_type}; charset=utf-8", charset="utf-8", headers=headers)
 
 

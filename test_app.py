@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
 from django.core.signals import request_finished, request_started
 from pydantic import BaseModel
 
@@ -114,7 +115,8 @@ def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(params=PROTOCOLS)
 def protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(app.config, "STREAM_PROTOCOL", request.param)
+    encoder = AssistantTransportEncoder() if request.param == "assistant-transport" else DataStreamEncoder()
+    monkeypatch.setattr(app, "ENCODER", encoder)
     return str(request.param)
 
 

@@ -9,7 +9,6 @@ from the functions app.py defines; it leaves out the view's edit case, its step 
 from typing import Any
 
 from assistant_stream import RunController, create_run
-from assistant_stream.serialization import DataStreamEncoder
 from assistant_stream.serialization.heartbeat import add_keepalive
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -48,12 +47,11 @@ async def assistant(body: app.AssistantRequest) -> StreamingResponse:
             written += await app.write_reply(controller, app.run_agent(messages, body), app.REPLY_LIMIT - written)
             written += await app.run_server_tools(controller, app.REPLY_LIMIT - written)
 
-    encoder = DataStreamEncoder()  # the benchmarks use the default wire format
-    stream = encoder.encode_stream(create_run(run, state=state))
+    stream = app.ENCODER.encode_stream(create_run(run, state=state))
     if app.config.HEARTBEAT_SECONDS:
-        stream = add_keepalive(stream, app.config.HEARTBEAT_SECONDS, encoder.get_keepalive_token())
+        stream = add_keepalive(stream, app.config.HEARTBEAT_SECONDS, app.ENCODER.get_keepalive_token())
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream, media_type=f"{encoder.get_media_type()}; charset=utf-8", headers=headers)
+    return StreamingResponse(stream, media_type=f"{app.ENCODER.get_media_type()}; charset=utf-8", headers=headers)
 
 
 @twin.get("/health")
