@@ -1,8 +1,7 @@
 """A Django backend for assistant-ui's useAssistantTransportRuntime, in one file.
 
-The frontend POSTs commands (a new message, a tool result) with the state it holds: LangChain-style
-messages, as assistant-ui's example reads them. This file applies the commands, runs an agent (a mock,
-or an OpenAI model when OPENAI_API_KEY is set) and streams every change to the state back as it happens.
+The frontend POSTs commands with the state it holds (LangChain-style messages); this file applies them, runs an
+agent (a mock, or an OpenAI model when OPENAI_API_KEY is set) and streams every change to the state as it happens.
 
 Usage:
     python app.py                # serve with uvicorn on HOST:PORT (default 127.0.0.1:8002)
@@ -22,7 +21,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -67,17 +66,19 @@ class Config(BaseModel):
     ALLOWED_HOSTS: Annotated[CommaList, Field(min_length=1)] = ["localhost", "127.0.0.1", "[::1]"]
     CORS_ORIGINS: CommaList = ["http://localhost:3000"]
     LOG_LEVEL: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(str.upper)] = "INFO"
-    OPENAI_API_KEY: str = ""
+    OPENAI_API_KEY: str = Field("", pattern="^[!-~]*$")  # printable ASCII: it goes into an HTTP header
     OPENAI_MODEL: str = "gpt-4o-mini"
     OPENAI_BASE_URL: str = ""
     OPENAI_TIMEOUT: float = Field(30, gt=0)  # the SDK's own 600 s, tried three times, is half an hour
     OPENAI_MAX_RETRIES: int = Field(1, ge=0, le=10)
     MOCK_DELAY: float = Field(0.05, ge=0, le=60)
     STREAM_PROTOCOL: Literal["data-stream", "assistant-transport"] = "data-stream"
-    HEARTBEAT_SECONDS: float = Field(15, ge=0, le=3600)
+    HEARTBEAT_SECONDS: Annotated[float, Field(ge=1, le=3600)] | Annotated[float, Field(ge=0, le=0)] = 15  # 0: none
     MAX_REQUEST_BYTES: int = Field(10 * 1024 * 1024, gt=0)
     MAX_MODEL_STEPS: int = Field(5, ge=1, le=100)
     TOOL_TIMEOUT: float = Field(30, gt=0)
+    TOOL_THREADS: int = Field(4, ge=1, le=100)  # a request's sync tool calls at once, in threads of its own
+    TOOL_RESULT_LIMIT: int = Field(100_000, gt=0)  # bytes of a tool result's JSON
 
 
 # The environment wins over the .env file beside this one, which is read, not copied into os.environ.
@@ -85,9 +86,10 @@ environment = {**dotenv_values(Path(__file__).with_name(".env")), **os.environ}
 raw = {name: value.strip() for name in Config.model_fields if (value := environment.get(name) or "").strip()}
 try:
     config = Config.model_validate(raw)
-except ValidationError as error:  # one clear line, not a traceback
-    name, message = error.errors()[0]["loc"][0], error.errors()[0]["msg"]
-    raise SystemExit(f"Invalid setting {name}={raw[str(name)]!r}: {message}.") from None
+except ValidationError as error:  # one clear line, not a traceback; not the value, which may be a key
+    name, problems = error.errors()[0]["loc"][0], error.errors()
+    message = " or ".join(problem["msg"] for problem in problems if problem["loc"][0] == name)
+    raise SystemExit(f"Invalid setting {name}: {message}.") from None
 if config.OPENAI_API_KEY and openai is None:
     raise SystemExit("OPENAI_API_KEY is set, but the openai package is not installed: pip install openai")
 
@@ -100,10 +102,9 @@ if STANDALONE:
         ALLOWED_HOSTS=config.ALLOWED_HOSTS,
         # No built-in middleware: each is sync-first and would move every request to a thread.
         MIDDLEWARE=[f"{__name__}.cors_middleware"],
-        # check --deploy: no HTML to frame, no cookies to forge, nothing signed; HTTPS is the proxy's.
-        SILENCED_SYSTEM_CHECKS=["security.W001", "security.W002", "security.W003", "security.W009"],
     )
 logger = logging.getLogger("assistant_transport")
+MAX_ITEMS = 100  # commands in a request, parts in a message, tool calls in an ai message or a model's step
 
 
 # --- Request models: what useAssistantTransportRuntime sends ----------------------------------------
@@ -119,7 +120,8 @@ class UserMessage(BaseModel):
     """The message an add-message command carries: the user's text and images."""
 
     role: Literal["user"]
-    parts: list[Part] = Field(max_length=100)  # far above what a message holds: a million parts stop at once
+    id: str | None = None  # sent by newer clients; the human message keeps it unless the thread has it already
+    parts: list[Part] = Field(max_length=MAX_ITEMS)  # a million parts stop at once
 
 
 class AddMessage(BaseModel):
@@ -171,7 +173,7 @@ class StateMessage(BaseModel):
     type: str
     id: str | None = None
     content: JsonValue  # text or content blocks; a tool message's result, as the frontend sent it
-    tool_calls: list[ToolCall] = Field([], max_length=100)
+    tool_calls: list[ToolCall] = Field([], max_length=MAX_ITEMS)
     tool_call_id: str | None = None
 
 
@@ -185,7 +187,7 @@ class AgentState(BaseModel):
 class AssistantRequest(BaseModel):
     """The POST body. Other fields (threadId, config with its apiKey/baseUrl, ...) are ignored."""
 
-    commands: list[Command] = Field(max_length=100)  # the client sends a few; a cap bounds the work
+    commands: list[Command] = Field(max_length=MAX_ITEMS)  # the client sends a few; a cap bounds the work
     state: AgentState | None = None
     system: str | None = None
     tools: dict[str, dict[str, JsonValue]] | None = None  # name -> description, parameters, disabled
@@ -207,11 +209,10 @@ def json_error(status: int, message: str, details: object = None, **headers: str
 
 # --- Middleware: CORS by hand, and the Host check that no built-in middleware does for us ----------
 CORS_METHODS = ("GET", "POST", "OPTIONS")
-View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 
 
 @async_only_middleware
-def cors_middleware(get_response: View) -> View:
+def cors_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
     """Check the Host, answer preflights, and put CORS headers on every answer, errors too."""
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
@@ -274,11 +275,11 @@ def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
                 else part.model_dump(exclude={"image"})
                 for part in command.message.parts
             ]
-            thread.append({"id": uuid.uuid4().hex, "type": "human", "content": content})
+            new_id = command.message.id if command.message.id and command.message.id not in ids else uuid.uuid4().hex
+            thread.append({"id": new_id, "type": "human", "content": content})
         elif isinstance(command, AddToolResult):
             calls = {call["id"]: call for message in thread for call in message.get("tool_calls", [])}
-            if command.toolCallId not in calls:
-                raise LookupError(command.toolCallId)  # the view answers 400
+            # A KeyError when no ai message in the thread has the call: the view answers 400.
             message = tool_message(calls[command.toolCallId], command.result, command.isError)
             message |= command.model_dump(include={"artifact", "modelContent"}, exclude_none=True, by_alias=True)
             # A retried request's result replaces the first one instead of repeating it.
@@ -303,8 +304,7 @@ def reply_awaited(thread: list[Message]) -> bool:
 
 # --- Agents: a mock or an OpenAI model streams chunks; one writer turns them into state operations ---
 Chunk = dict[str, Any]  # one chat.completion.chunk of a model's stream, as JSON
-# All one request writes (text, reasoning, arguments, tool results, over all steps): all a client that stops
-# reading makes the server hold. Each appended piece copies its string, so a reply costs its length squared.
+# All one request writes (text, reasoning, arguments, tool results, all steps): what a client that stops reading costs.
 REPLY_LIMIT = 200_000  # characters
 
 
@@ -316,7 +316,8 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
     """Write a model's streamed chunks into a new ai message as they arrive; return the characters written."""
     messages = controller.state["messages"]
     messages.append({"id": uuid.uuid4().hex, "type": "ai", "content": "", "tool_calls": []})
-    at, written, calls = len(messages) - 1, 0, dict[int, int]()  # calls: a model's call index -> its place
+    # Call ids are ours: model servers reuse theirs (call_0 every turn) and indexes, which only pair a stream's pieces.
+    at, written, calls, stopped = len(messages) - 1, 0, dict[object, tuple[object, int]](), None
 
     def append(path: list[str | int], text: str) -> None:
         """Grow a string by append-text, the only way the client's strict decoder lets a string grow."""
@@ -326,7 +327,8 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
         controller.append_state_text(["messages", at, *path], text)
 
     async for chunk in chunks:
-        delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
+        choice = (chunk.get("choices") or [{}])[0]
+        delta, stopped = choice.get("delta") or {}, choice.get("finish_reason") or stopped
         if reasoning := delta.get("reasoning_content") or delta.get("reasoning"):  # vLLM, DeepSeek; Ollama
             if "additional_kwargs" not in messages[at]:  # where convertLangChainMessages reads reasoning
                 summary = {"type": "reasoning", "summary": [{"type": "summary_text", "text": ""}]}
@@ -335,19 +337,35 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
         if delta.get("content"):
             append(["content"], delta["content"])
         for piece in delta.get("tool_calls") or []:
-            function = piece.get("function") or {}
-            if (index := piece.get("index", 0)) not in calls:  # a call's first piece carries its id and name
-                calls[index] = len(calls)
-                call = {"id": piece.get("id") or f"call_{uuid.uuid4().hex}", "name": function.get("name", "")}
-                messages[at]["tool_calls"].append({**call, "args": {}, "partial_json": ""})
-            if function.get("arguments"):
-                append(["tool_calls", calls[index], "partial_json"], function["arguments"])
+            function, index = piece.get("function") or {}, piece.get("index", 0)
+            if index not in calls or piece.get("id") not in (None, calls[index][0]):  # a new id: a new call
+                if len(messages[at]["tool_calls"]) == MAX_ITEMS:
+                    raise ModelError(f"The model called more than {MAX_ITEMS} tools in one step")
+                calls[index] = (piece.get("id"), len(messages[at]["tool_calls"]))
+                call = {"id": f"call_{uuid.uuid4().hex}", "name": "", "args": {}, "partial_json": ""}
+                messages[at]["tool_calls"].append(call)
+            for key, field in (("name", "name"), ("arguments", "partial_json")):  # both may come in pieces
+                if isinstance(function.get(key), str) and function[key]:
+                    append(["tool_calls", calls[index][1], field], function[key])
+    if stopped in ("length", "content_filter"):  # cut off by the model server: the frontend says so
+        messages[at]["status"] = {"type": "incomplete", "reason": stopped.replace("_", "-")}
     for position, call in enumerate(messages[at]["tool_calls"]):  # plain values; writes go through the index
+        if not call["name"]:
+            raise ModelError("The model called a tool without naming it")
         try:  # args once the arguments are complete; small local models may write ones that are not JSON
-            messages[at]["tool_calls"][position]["args"] = parse_object(call["partial_json"] or "{}")
-        except ValueError:
-            raise ModelError(f"The arguments for {call['name']} are not a JSON object") from None
+            messages[at]["tool_calls"][position]["args"] = storable(parse_object(call["partial_json"] or "{}"))
+        except ValueError as error:
+            raise ModelError(f"The arguments for {call['name']} are not a JSON object we can keep: {error}") from None
     return written
+
+
+def storable(value: object, limit: int = REPLY_LIMIT) -> JsonValue:
+    """A value as the next request will read it: JSON within limit bytes, lone surrogates replaced, not too deep."""
+    text = json.dumps(to_jsonable_python(value), ensure_ascii=False, allow_nan=False).encode(errors="replace")
+    if len(text) > limit:
+        raise ValueError(f"{len(text)} bytes of JSON, over the limit of {limit}")
+    from_json(b"[" * 64 + text + b"]" * 64)  # as a request's parser (200 levels) reads it, with room for the state
+    return from_json(text)  # type: ignore[no-any-return]
 
 
 def as_text(value: object) -> str:
@@ -363,8 +381,7 @@ def text_of(content: JsonValue) -> str:
 
 
 TIME_ZONES = sorted(available_timezones())  # read once: listing them reads the time zone database
-# A place is the capitalised words after "in", "for" or "at": "in San Francisco today?".
-PLACE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]{0,40}(?:\s+[A-Z][\w'-]{0,40}){0,3})")
+PLACE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]{0,40}(?:\s+[A-Z][\w'-]{0,40}){0,3})")  # "in San Francisco today?"
 MOCK_QUOTE = 500  # characters of the user's text (or a tool result) the mock repeats
 
 
@@ -373,26 +390,19 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
     last, asks = thread[-1], []  # asks: the tools that know the answer, with their arguments
     said = "" if last["type"] == "tool" else text_of(last["content"])
     place = match.group(1) if (match := PLACE.search(said)) else None
-    if re.search(r"\bweather\b", said, re.IGNORECASE) and (
-        request.tools is None or "get_weather" in frontend_tools(request)
-    ):
+    if (request.tools is None or "get_weather" in frontend_tools(request)) and re.search(r"\bweather\b", said, re.I):
         asks.append(("get_weather", {"location": place or "San Francisco"}))
     if re.search(r"\btime\b", said, re.IGNORECASE):  # the zone named after the place, as Asia/Tokyo is; else the place
         zone = next((zone for zone in TIME_ZONES if zone.endswith(f"/{place}".replace(" ", "_"))), place or "UTC")
         asks.append(("get_current_time", {"timezone": zone}))
     reply = f'You said: "{said[:MOCK_QUOTE]}".' + (" Let me check." if asks else "")
-    if last["type"] == "tool":
-        verb = "failed" if last.get("status") == "error" else "answered"
-        reply = f"{last['name']} {verb}: {as_text(last['content'])[:MOCK_QUOTE]}"
+    reply = f"{last['name']} answered: {as_text(last['content'])[:MOCK_QUOTE]}" if last["type"] == "tool" else reply
     thought = f"I should ask {' and '.join(name for name, _ in asks)}, then answer." if asks else ""
-    # In the order a model streams them: its reasoning, its text, then each tool call in pieces.
     deltas: list[Chunk] = [{"reasoning_content": word} for word in re.findall(r"\s*\S+", thought)]
     deltas += [{"content": word} for word in re.findall(r"\s*\S+", reply)]
     for index, (name, arguments) in enumerate(asks):
-        call = {"index": index, "id": f"call_{uuid.uuid4().hex}", "function": {"name": name, "arguments": ""}}
-        pieces = re.findall(r"\s*\S+", json.dumps(arguments))
-        deltas += [{"tool_calls": [call]}]
-        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
+        pieces = [{"name": name}, *({"arguments": piece} for piece in re.findall(r"\s*\S+", json.dumps(arguments)))]
+        deltas += [{"tool_calls": [{"index": index, "function": piece}]} for piece in pieces]
     for delta in deltas:
         await asyncio.sleep(config.MOCK_DELAY)
         yield {"choices": [{"index": 0, "delta": delta}]}
@@ -413,17 +423,16 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
     answered = {message.get("tool_call_id") for message in thread if message["type"] == "tool"}
     result: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for message in thread:
-        calls = message.get("tool_calls", [])
+        calls = [call for call in message.get("tool_calls", []) if call["name"]]  # a nameless one failed its step
         if message["type"] == "human":
             result.append({"role": "user", "content": message["content"]})
         elif message["type"] == "ai" and (text_of(message["content"]) or calls):
-            # The parsed args, not partial_json, which a step that failed may have left cut off.
-            functions = [{"name": call["name"], "arguments": as_text(call.get("args") or {})} for call in calls]
-            tool_calls = [
-                {"id": call["id"], "type": "function", "function": f} for call, f in zip(calls, functions, strict=True)
-            ]
             result.append({"role": "assistant", "content": text_of(message["content"]) or None})
-            result[-1] |= {"tool_calls": tool_calls} if calls else {}
+            for call in calls:  # the parsed args, not partial_json, which a step that failed may have left cut off
+                function = {"name": call["name"], "arguments": as_text(call.get("args") or {})}
+                result[-1].setdefault("tool_calls", []).append(
+                    {"id": call["id"], "type": "function", "function": function}
+                )
             # The chat API rejects a call left unanswered, as when the user wrote on instead of letting it run.
             unanswered = [call["id"] for call in calls if call["id"] not in answered]
             result += [{"role": "tool", "tool_call_id": id_, "content": "The tool was not run."} for id_ in unanswered]
@@ -463,11 +472,12 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
     }
     tools: list[Any] = [{"type": "function", "function": {"name": name, **tool}} for name, tool in offered.items()]
     tools += [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
-    options |= {"tools": tools} if tools else {}
-    # The raw lines, not the SDK's typed chunks (70 µs a chunk to build): 5x the tokens per core (bench/tokens.py).
+    # The body as plain JSON in extra_body: the client's typed conversion of the history costs the event loop 340 ms
+    # for 1,000 messages. The raw lines, not its typed chunks (70 µs a chunk): 5x the tokens per core (bench/tokens.py).
     # The client still brings auth, retries, timeouts and typed errors; leaving the block closes the request.
+    body = {"messages": model_messages(thread, request.system), **options} | ({"tools": tools} if tools else {})
     async with model_client.chat.completions.with_streaming_response.create(
-        model=config.OPENAI_MODEL, messages=model_messages(thread, request.system), stream=True, **options
+        model=config.OPENAI_MODEL, messages=[], stream=True, extra_body=body
     ) as response:
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             raise ModelError(f"The model server answered {response.headers.get('content-type')}, not a stream")
@@ -504,53 +514,52 @@ class CurrentTime(BaseModel):
 
 
 def get_current_time(arguments: CurrentTime) -> dict[str, str]:
-    """The date and time now in a time zone; a zone that does not exist is an answer the model can act on."""
-    try:
-        now = datetime.now(ZoneInfo(arguments.timezone))
-    except (ValueError, KeyError):  # no such zone, or not a zone's name at all
-        return {"error": f"There is no time zone {arguments.timezone!r}; use an IANA name such as Asia/Tokyo"}
+    """The date and time now in a time zone; for a zone that does not exist, the model reads what ZoneInfo raised."""
+    now = datetime.now(ZoneInfo(arguments.timezone))
     return {"timezone": arguments.timezone, "time": now.isoformat(timespec="seconds"), "weekday": now.strftime("%A")}
 
 
 # Each tool: the model of its arguments (its docstring is what the model reads) and a sync or async function.
 SERVER_TOOLS: dict[str, tuple[type[BaseModel], Any]] = {"get_current_time": (CurrentTime, get_current_time)}
-# Their own threads: a sync tool that hangs must not take the threads the event loop resolves host names in.
-TOOL_THREADS = ThreadPoolExecutor(thread_name_prefix="server-tool")
 
 
-def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> object:
-    """Call a sync tool with the database housekeeping Django does around a sync request."""
-    close_old_connections()
+def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> JsonValue:
+    """Call a sync tool and make its result JSON in its thread; then close its database connection, as Django would."""
     try:
-        return function(arguments)
+        return storable(function(arguments), config.TOOL_RESULT_LIMIT)
     finally:
         close_old_connections()
 
 
-async def call_server_tool(call: Message) -> tuple[JsonValue, bool]:
-    """A server tool's result, and whether it failed: what it raised, or that it ran out of time."""
+async def run_server_tool(call: Message, threads: ThreadPoolExecutor) -> tuple[JsonValue, bool]:
+    """A server tool's result, and whether it failed: whatever it raised."""
     arguments_model, function = SERVER_TOOLS[call["name"]]
     try:
         arguments = arguments_model.model_validate(call["args"])
         if inspect.iscoroutinefunction(function):
-            running = function(arguments)
-        else:
-            running = sync_to_async(run_sync_tool, thread_sensitive=False, executor=TOOL_THREADS)(function, arguments)
-        result = to_jsonable_python(await asyncio.wait_for(running, config.TOOL_TIMEOUT))
-        json.dumps(result, allow_nan=False)  # NaN or Infinity would break the client's strict decoder
-    except TimeoutError:  # an async tool is cancelled; a sync one cannot be, and finishes unheard
-        return f"{call['name']} did not finish within TOOL_TIMEOUT ({config.TOOL_TIMEOUT:g} seconds)", True
-    except Exception as error:
+            return storable(await function(arguments), config.TOOL_RESULT_LIMIT), False
+        return await sync_to_async(run_sync_tool, thread_sensitive=False, executor=threads)(function, arguments), False
+    except BaseException as error:  # argparse's SystemExit must not end the server, nor a CancelledError the run
+        if (task := asyncio.current_task()) and task.cancelling():  # left behind, or the run was cancelled
+            raise
         logger.warning("Server tool %s failed: %r", call["name"], error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return f"{call['name']} failed: {type(error).__name__}: {error}", True
-    return result, False
 
 
 async def run_server_tools(controller: RunController, allowance: int) -> int:
     """Run the server tools the last reply calls, side by side, answer each with a tool message; return its size."""
     calls = [call for call in controller.state["messages"][-1]["tool_calls"] if call["name"] in SERVER_TOOLS]
-    written = 0
-    for call, (result, failed) in zip(calls, await asyncio.gather(*map(call_server_tool, calls)), strict=True):
+    threads = ThreadPoolExecutor(config.TOOL_THREADS, thread_name_prefix="server-tool")  # this request's; ends with it
+    # Each a task of its own: one past TOOL_TIMEOUT is left behind even if it ignores cancellation.
+    running = [asyncio.create_task(run_server_tool(call, threads)) for call in calls]
+    try:
+        await asyncio.wait(running, timeout=config.TOOL_TIMEOUT) if running else None
+    finally:  # the run's own cancellation reaches the tools; a sync tool's thread cannot be stopped, and runs on
+        for task in running:
+            task.cancel()  # nothing once it has finished
+    written, late = 0, f"did not finish within TOOL_TIMEOUT ({config.TOOL_TIMEOUT:g} seconds)"
+    for call, task in zip(calls, running, strict=True):
+        result, failed = task.result() if task.done() else (f"{call['name']} {late}", True)
         if (written := written + len(as_text(result))) > allowance:
             result, failed = f"{call['name']} answered more than the reply may hold ({REPLY_LIMIT} characters)", True
         controller.state["messages"].append(tool_message(call, result, failed))
@@ -585,7 +594,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
     except ValueError as error:  # not JSON, not UTF-8, NaN, nested too deep
         return json_error(400, "Body is not a JSON object", str(error))
     except LookupError as error:  # an add-tool-result whose call no ai message in the thread holds
-        return json_error(400, "add-tool-result for a tool call that is not in the state", [str(error)])
+        return json_error(400, "add-tool-result for a tool call that is not in the state", list(error.args))
 
     async def run(controller: RunController) -> None:
         """Send the new messages; then, while a reply is awaited, the agent takes a step and server tools answer it."""
@@ -615,8 +624,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
     stream = ENCODER.encode_stream(create_run(run, state=state))
     if config.HEARTBEAT_SECONDS:
         stream = add_keepalive(stream, config.HEARTBEAT_SECONDS, ENCODER.get_keepalive_token())
-    # No proxy on the way may cache or buffer the stream (nginx reads X-Accel-Buffering); charset= as well
-    # as the content type spares Django re-parsing it for every chunk (6% of a streamed reply).
+    # No proxy may cache or buffer the stream (nginx reads X-Accel-Buffering); charset= saves 6% per chunk.
     headers, media_type = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, ENCODER.get_media_type()
     return StreamingHttpResponse(stream, content_type=f"{media_type}; charset=utf-8", charset="utf-8", headers=headers)
 
@@ -641,14 +649,11 @@ urlpatterns = [path("assistant", assistant), path("health", health)]
 handler404 = not_found  # used only where this file is the root URLconf
 
 django_application = get_asgi_application()
-# Django runs each request's sync work (closing the response, sync signal receivers) in a worker thread
-# of its own, which an open stream holds until it ends. One shared worker keeps the thread count flat.
+# Django gives each request a sync thread of its own (to close the response), held as long as its stream: share one.
 SYNC_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-sync")
-Receive = Callable[[], Awaitable[dict[str, Any]]]  # ASGI's callables
-Send = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 
-async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+async def application(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
     """The ASGI app: Django with one shared sync worker; uvicorn's start-up and shut-down messages answered."""
     if scope["type"] == "lifespan":  # Django answers these with an error; it has nothing to start or stop
         while (await receive())["type"] != "lifespan.shutdown":
@@ -663,21 +668,17 @@ async def application(scope: dict[str, Any], receive: Receive, send: Send) -> No
 
 
 if STANDALONE:
-    # Django and its libraries leave a heap of objects that live as long as the process; frozen, the
-    # garbage collector stops walking them again and again (pauses of tens of milliseconds under load).
+    # Django's heap of objects lives as long as the process: frozen, the collector stops walking it under load.
     gc.freeze()
 
 
 # --- main: serve with uvicorn, or run any other Django management command ---------------------------
 def main() -> None:
     """Serve with uvicorn (`runserver` too, with reload), or run any other Django management command."""
-    if sys.argv[1:] == ["help", "runserver"]:  # Django's help would describe its own runserver
-        sys.argv[1:] = ["runserver", "--help"]
     if (command := sys.argv[1:2]) not in ([], ["runserver"]):
         execute_from_command_line(sys.argv)
         return
-    # Django's runserver is a WSGI server and would hold a stream back until it ends. As Daphne does,
-    # runserver here serves this ASGI app with uvicorn instead.
+    # Django's runserver, a WSGI server, would hold a stream back until it ends: as Daphne does, use uvicorn.
     parser = argparse.ArgumentParser(f"{sys.argv[0]} runserver", description="Serve app.py with uvicorn.")
     parser.add_argument("addrport", nargs="?", default=str(config.PORT), help="port, or address:port")
     parser.add_argument("--noreload", action="store_true", help="do not reload when app.py or .env changes")

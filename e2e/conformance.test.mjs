@@ -100,7 +100,7 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
     });
 
     test("keep-alives during a slow run are benign", async () => {
-      const slow = await startApp({ STREAM_PROTOCOL: protocol, MOCK_DELAY: "0.3", HEARTBEAT_SECONDS: "0.05" });
+      const slow = await startApp({ STREAM_PROTOCOL: protocol, MOCK_DELAY: "1.3", HEARTBEAT_SECONDS: "1" });
       try {
         const { state, bytes } = await converse(null, [userSays("slow")], slow);
         const keepalive = protocol === "data-stream" ? "\n\n" : ": heartbeat";
@@ -139,7 +139,7 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
         const events = [{ tool_calls: [call] }, { tool_calls: [{ index: 0, function: { arguments: text } }] }];
         await withModel(protocol, events, async (withAModel) => {
           const { state, error } = await converse(null, [userSays("map it")], withAModel);
-          assert.equal(error, "The model request failed: The arguments for render_map are not a JSON object");
+          assert.match(error, /^The model request failed: The arguments for render_map are not a JSON object/);
           assert.equal(state.messages[1].tool_calls[0].partial_json, text);
         });
       });
