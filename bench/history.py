@@ -16,11 +16,9 @@ import asyncio
 import json
 import os
 import statistics
-import sys
-import time
 
 from run import CLIENT_CORE, SERVER_CORE, TWO_CORES, serving
-from tokens import load, model_server
+from tokens import alternate, load, model_server
 
 VARIANTS = ("django", "typed")
 
@@ -74,14 +72,8 @@ def main() -> None:
     options = parser.parse_args()
     if TWO_CORES:
         os.sched_setaffinity(0, {int(CLIENT_CORE)})
-    runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
     with model_server() as model_port:
-        for round_number in range(1, options.rounds + 1):
-            for variant in VARIANTS:
-                print(f"round {round_number}: {variant}", file=sys.stderr, flush=True)
-                started = time.monotonic()
-                runs[variant].append(measure(variant, model_port, options.messages))
-                print(f"  {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        runs = alternate(options.rounds, VARIANTS, lambda variant: measure(variant, model_port, options.messages))
     medians = {v: {key: statistics.median(run[key] for run in runs[v]) for key in runs[v][0]} for v in VARIANTS}
     print(f"\nmedians of {options.rounds} rounds; server on core {SERVER_CORE}, model and clients on {CLIENT_CORE}")
     print(f"30 streams x 30 tokens/s, alone and while a {options.messages}-message history starts every 0.5 s\n")

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -167,6 +167,18 @@ def profile(model_port: int) -> None:
         print(f"  {100 * count / total:5.1f}% {package}")
 
 
+def alternate(
+    rounds: int, variants: tuple[str, ...], measure: Callable[[str], dict[str, float]]
+) -> dict[str, list[dict[str, float]]]:
+    """Measure the variants in turn, round after round (A B A B ...), so that a noisy machine skews all alike."""
+    runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
+    for round_number in range(1, rounds + 1):
+        for variant in variants:
+            print(f"round {round_number}: {variant}", file=sys.stderr, flush=True)
+            runs[variant].append(measure(variant))
+    return runs
+
+
 def model_get(port: int, path: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port)) as connection:
         connection.sendall(f"GET {path} HTTP/1.1\r\nHost: model\r\n\r\n".encode())
@@ -205,15 +217,11 @@ def main() -> None:
     options = parser.parse_args()
     if TWO_CORES:
         os.sched_setaffinity(0, {int(CLIENT_CORE)})
-    runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
     with model_server() as model_port:
-        for round_number in range(1, options.rounds + 1):
-            for variant in VARIANTS:
-                print(f"round {round_number}: {variant}", file=sys.stderr, flush=True)
-                result = measure(variant, model_port)
-                result["tokens per core"] = result["saturation tokens"] / result["saturation cpu"]
-                result["cpu us per token"] = result["saturation cpu"] * 1e6 / result["saturation tokens"]
-                runs[variant].append(result)
+        runs = alternate(options.rounds, VARIANTS, lambda variant: measure(variant, model_port))
+        for result in (result for results in runs.values() for result in results):
+            result["tokens per core"] = result["saturation tokens"] / result["saturation cpu"]
+            result["cpu us per token"] = result["saturation cpu"] * 1e6 / result["saturation tokens"]
         if options.profile:
             profile(model_port)
     medians = {v: {key: statistics.median(run[key] for run in runs[v]) for key in runs[v][0]} for v in VARIANTS}
