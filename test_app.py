@@ -947,8 +947,9 @@ def test_runserver_help_describes_the_runserver_that_runs() -> None:
     assert "--ipv6" not in asked, "that is Django's own runserver, which this one replaces"
 
 
-def test_runserver_refuses_a_port_out_of_range() -> None:
-    result = run_app("app.py", "runserver", "99999", "--noreload")
+@pytest.mark.parametrize("reload", [[], ["--noreload"]], ids=["with-reload", "without"])
+def test_runserver_refuses_a_port_out_of_range(reload: list[str]) -> None:
+    result = run_app("app.py", "runserver", "99999", *reload)
     assert result.returncode == 2
     assert "'99999' is not a port (1-65535) or an address:port" in result.stderr
 
