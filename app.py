@@ -342,7 +342,7 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
                 if len(messages[at]["tool_calls"]) == MAX_ITEMS:
                     raise ModelError(f"The model called more than {MAX_ITEMS} tools in one step")
                 calls[index] = (piece.get("id"), len(messages[at]["tool_calls"]))
-                call = {"id": f"call_{uuid.uuid4().hex}", "name": "", "args": {}, "partial_json": ""}
+                call: Message = {"id": f"call_{uuid.uuid4().hex}", "name": "", "args": {}, "partial_json": ""}
                 messages[at]["tool_calls"].append(call)
             for key, field in (("name", "name"), ("arguments", "partial_json")):  # both may come in pieces
                 if isinstance(function.get(key), str) and function[key]:
