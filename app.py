@@ -48,8 +48,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 from pydantic_core import from_json, to_jsonable_python
 
 try:
+    import aiohttp  # noqa: F401  (the model client's transport)
     import openai
-except ImportError:  # the optional "openai" extra: only the OpenAI agent needs it
+except ImportError:  # the optional "openai" extra, openai[aiohttp]: only the OpenAI agent needs it
     openai = None  # type: ignore[assignment]
 
 __version__ = "0.3.0"
@@ -91,7 +92,7 @@ except ValidationError as error:  # one clear line, not a traceback; not the val
     message = " or ".join(problem["msg"] for problem in problems if problem["loc"][0] == name)
     raise SystemExit(f"Invalid setting {name}: {message}.") from None
 if config.OPENAI_API_KEY and openai is None:
-    raise SystemExit("OPENAI_API_KEY is set, but the openai package is not installed: pip install openai")
+    raise SystemExit("OPENAI_API_KEY is set, but the openai package is not installed: pip install 'openai[aiohttp]'")
 
 # Served by itself, the file configures Django; imported by a project with settings of its own, nothing.
 STANDALONE = not settings.configured and "DJANGO_SETTINGS_MODULE" not in os.environ
@@ -100,8 +101,7 @@ if STANDALONE:
     settings.configure(
         ROOT_URLCONF=__name__,
         ALLOWED_HOSTS=config.ALLOWED_HOSTS,
-        # No built-in middleware: each is sync-first and would move every request to a thread.
-        MIDDLEWARE=[f"{__name__}.cors_middleware"],
+        MIDDLEWARE=[f"{__name__}.cors_middleware"],  # no built-in one: each is sync-first and takes a thread
     )
 logger = logging.getLogger("assistant_transport")
 MAX_ITEMS = 100  # commands in a request, parts in a message, tool calls in an ai message or a model's step
@@ -279,8 +279,7 @@ def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
             thread.append({"id": new_id, "type": "human", "content": content})
         elif isinstance(command, AddToolResult):
             calls = {call["id"]: call for message in thread for call in message.get("tool_calls", [])}
-            # A KeyError when no ai message in the thread has the call: the view answers 400.
-            message = tool_message(calls[command.toolCallId], command.result, command.isError)
+            message = tool_message(calls[command.toolCallId], command.result, command.isError)  # KeyError: a 400
             message |= command.model_dump(include={"artifact", "modelContent"}, exclude_none=True, by_alias=True)
             # A retried request's result replaces the first one instead of repeating it.
             answered = [existing.get("tool_call_id") for existing in thread]
@@ -415,6 +414,7 @@ if config.OPENAI_API_KEY:  # one client for the process: it keeps its connection
         base_url=config.OPENAI_BASE_URL or None,
         timeout=config.OPENAI_TIMEOUT,
         max_retries=config.OPENAI_MAX_RETRIES,
+        http_client=openai.DefaultAioHttpClient(),  # not httpx: 1.9x the tokens per core (bench/tokens.py)
     )
 
 
@@ -433,8 +433,7 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
                 result[-1].setdefault("tool_calls", []).append(
                     {"id": call["id"], "type": "function", "function": function}
                 )
-            # The chat API rejects a call left unanswered, as when the user wrote on instead of letting it run.
-            unanswered = [call["id"] for call in calls if call["id"] not in answered]
+            unanswered = [call["id"] for call in calls if call["id"] not in answered]  # the chat API refuses those
             result += [{"role": "tool", "tool_call_id": id_, "content": "The tool was not run."} for id_ in unanswered]
         elif message["type"] == "tool":
             # The model reads modelContent (text, or parts with text) when the frontend sent it, else the result.
@@ -498,7 +497,8 @@ def describe(error: Exception) -> str:
         detail = error.body.get("message") if isinstance(error.body, dict) else None
         return f"The model server answered {error.status_code}: {detail or error.message}"
     if isinstance(error, ModelError) or (openai is not None and isinstance(error, openai.APIError)):
-        return f"The model request failed: {error}"  # a limit, a broken stream, a timeout, a refused connection
+        cause = str(error.__cause__ or "")  # the transport's words: on aiohttp a refused connection "timed out"
+        return f"The model request failed: {error}" + (f" ({cause})" if cause else "")
     return "The assistant failed while replying. The server log has the details."
 
 

@@ -980,6 +980,16 @@ def test_bad_setting_stops_startup_with_one_clear_line(name: str, value: str, re
     assert name != "OPENAI_API_KEY" or value not in line, "a key is never printed"
 
 
+@pytest.mark.parametrize("missing", ["openai", "aiohttp"])
+def test_a_key_without_the_openai_extra_stops_startup_with_one_line(tmp_path: Path, missing: str) -> None:
+    (tmp_path / f"{missing}.py").write_text(f"raise ImportError('no module named {missing}')\n")  # as if not installed
+    result = run_app("app.py", "check", OPENAI_API_KEY="sk-test", PYTHONPATH=str(tmp_path))
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "OPENAI_API_KEY is set, but the openai package is not installed: pip install 'openai[aiohttp]'"
+    )
+
+
 @pytest.mark.parametrize(("name", "value"), [("HEARTBEAT_SECONDS", "0"), ("HEARTBEAT_SECONDS", "1")])
 def test_the_edges_of_a_setting_are_accepted(name: str, value: str) -> None:
     result = run_app("app.py", "check", **{name: value})
@@ -1150,7 +1160,13 @@ def fake_openai(
     """The OpenAI agent serves the next requests, with the fake as its model server."""
     fake, running = fake_openai_server
     fake.script, fake.requests, fake.authorizations, fake.disconnected_at, fake.sent_bytes = [], [], [], None, 0
-    model_client = openai.AsyncOpenAI(api_key="sk-server", base_url=f"{running.url}/v1", max_retries=0, timeout=5)
+    model_client = openai.AsyncOpenAI(
+        api_key="sk-server",
+        base_url=f"{running.url}/v1",
+        max_retries=0,
+        timeout=5,
+        http_client=openai.DefaultAioHttpClient(),  # as app.py makes it
+    )
     monkeypatch.setattr(app, "model_client", model_client)
     monkeypatch.setattr(app, "run_agent", app.openai_agent)
     yield fake
@@ -1478,7 +1494,8 @@ def test_model_errors_become_a_readable_error_frame(
     fake_openai.script = [failure]
     reply = send(client, {"commands": [user_says("hi")], "state": None}, protocol)
     assert reply.status == 200
-    assert reply.errors == [message]
+    (error,) = reply.errors
+    assert error == message or error.startswith(f"{message} ("), "a transport's own words may follow, in brackets"
     assert reply.messages[0]["content"] == [{"type": "text", "text": "hi"}], "the user's message must survive"
     assert "Run failed" in caplog.text
     assert "sk-server" not in reply.body
@@ -1492,13 +1509,19 @@ def test_a_reply_past_the_limit_ends_with_a_readable_error(client: httpx.Client,
 
 
 def test_unreachable_model_server_becomes_an_error_frame(
-    client: httpx.Client, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+    server: Server, client: httpx.Client, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unreachable = openai.AsyncOpenAI(api_key="sk-server", base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0)
+    port, aiohttp_client = free_port(), openai.DefaultAioHttpClient()
+    unreachable = openai.AsyncOpenAI(
+        api_key="sk-server", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, http_client=aiohttp_client
+    )
     monkeypatch.setattr(app, "model_client", unreachable)
     reply = send(client, {"commands": [user_says("hi")], "state": None})
-    assert reply.errors == ["The model request failed: Connection error."]
+    (error,) = reply.errors
+    assert error.startswith("The model request failed: ")
+    assert f"Cannot connect to host 127.0.0.1:{port}" in error, "the words that say what went wrong"
     assert text(reply.messages[0]) == "hi"
+    asyncio.run_coroutine_threadsafe(unreachable.close(), server.loop).result(timeout=5)
 
 
 def test_disconnect_closes_the_upstream_request_within_a_second(
@@ -1534,7 +1557,8 @@ def test_a_hung_model_server_is_reported_within_the_timeout_setting(
         started = time.monotonic()
         reply = send(http, {"commands": [user_says("hello")], "state": None})
         elapsed = time.monotonic() - started
-    assert reply.errors == ["The model request failed: Request timed out."]
+    (error,) = reply.errors
+    assert error.startswith("The model request failed: Request timed out."), error
     assert len(fake.requests) == 2, "one retry, as OPENAI_MAX_RETRIES says"
     assert elapsed < 2.5, f"two 0.5 s attempts took {elapsed:.1f} s"
 
