@@ -1,8 +1,10 @@
 """Serve app.py's Django app, or its FastAPI twin, under the same uvicorn settings.
 
-Usage: python bench/serve.py django|fastapi|typed PORT
+Usage: python bench/serve.py django|fastapi|typed|httpx|floor PORT
 
-typed is the Django app with the typed-SDK agent of bench/typed_sdk.py, for the token benchmark.
+For the token benchmark: typed is the Django app with the typed-SDK agent of bench/typed_sdk.py;
+httpx is the Django app with the openai client's default httpx transport, as app.py had it before
+issue 19; floor is bench/floor.py, a relay on raw asyncio (no uvicorn, no probe).
 
 Both sit behind the same probe: GET /__probe answers with the number of tasks in the event loop,
 so the benchmark can see tasks left behind, with neither framework in the way.
@@ -42,6 +44,11 @@ def probed(asgi_app: App) -> App:
 
 def main() -> None:
     framework, port = sys.argv[1], int(sys.argv[2])
+    if framework == "floor":
+        import floor
+
+        floor.uvloop.run(floor.main(port))
+        return
     if framework == "fastapi":
         from twin import twin as target
     else:
@@ -52,6 +59,8 @@ def main() -> None:
             from typed_sdk import typed_agent
 
             app.run_agent = typed_agent
+        if framework == "httpx" and app.model_client is not None:
+            app.model_client = app.model_client.with_options(http_client=app.openai.DefaultAsyncHttpxClient())
     uvicorn.run(probed(target), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
