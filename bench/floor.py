@@ -13,11 +13,11 @@ answers, so the benchmark knows it is up.
 import asyncio
 import json
 import os
-import re
 import sys
 from urllib.parse import urlsplit
 
 import uvloop
+from model import listen, read_request
 
 MODEL = urlsplit(os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8003/v1"))
 
@@ -53,9 +53,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     """Answer one connection: its requests, one after another."""
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length: *(\d+)", head)
-            body = await reader.readexactly(int(length[1]) if length else 0)
+            head, body = await read_request(reader)
             if head.startswith(b"GET /health"):
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                 continue
@@ -71,11 +69,5 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def main(port: int) -> None:
-    server = await asyncio.start_server(serve, "127.0.0.1", port, backlog=2048)
-    async with server:
-        await server.serve_forever()
-
-
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1])))
+    uvloop.run(listen(serve, int(sys.argv[1])))

@@ -13,41 +13,31 @@ typed conversion as app.py did before. Rounds alternate the two; the table shows
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 
 from run import CLIENT_CORE, SERVER_CORE, TWO_CORES, serving
-from tokens import alternate, load, model_server
+from tokens import alternate, converse, load, model_server
 
 VARIANTS = ("django", "typed")
 
 
-async def long_history(port: int, messages: int, index: int) -> None:
-    """One request whose state holds a long history; read its reply to the end."""
-    history = []
+def long_history(messages: int) -> dict[str, list[dict[str, object]]]:
+    """A state of that many messages, human and ai in turn."""
+    history: list[dict[str, object]] = []
     for n in range(messages // 2):
         history.append({"id": f"h{n}", "type": "human", "content": [{"type": "text", "text": f"question {n}"}]})
         history.append({"id": f"a{n}", "type": "ai", "content": f"answer {n}, in a few words", "tool_calls": []})
-    order = {"role": "user", "parts": [{"type": "text", "text": f"tokens=1 pace=0 id=long{index}"}]}
-    body = json.dumps({"commands": [{"type": "add-message", "message": order}], "state": {"messages": history}})
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = "POST /assistant HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
-    writer.write(f"{head}\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
-    try:
-        await reader.readuntil(b"\r\n\r\n")
-        while size := int(await reader.readuntil(b"\r\n"), 16):
-            await reader.readexactly(size + 2)
-    finally:
-        writer.close()
+    return {"messages": history}
 
 
 async def with_long_histories(port: int, messages: int) -> dict[str, float]:
     """The 30 x 30 load, while a long-history request starts every half second."""
     streams = asyncio.ensure_future(load(port, 30, 200, 1 / 30))
-    index, started = 0, []
+    index, started, state, ignored = 0, [], long_history(messages), list[float]()
     while not streams.done():
-        started.append(asyncio.ensure_future(long_history(port, messages, index)))
+        order = f"tokens=1 pace=0 id=long{index}"
+        started.append(asyncio.ensure_future(converse(port, order, ignored, state=state)))
         index += 1
         await asyncio.sleep(0.5)
     await asyncio.gather(*started)

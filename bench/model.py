@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 CLOSED: dict[str, int] = {}
 CHUNK = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000, "model": "bench"}
@@ -53,13 +54,18 @@ async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ord
         hung_up.cancel()
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 request on a connection: its head and its Content-Length body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"(?i)content-length: *(\d+)", head)
+    return head, await reader.readexactly(int(length[1]) if length else 0)
+
+
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answer a connection: GET /closed as often as asked, or one completion."""
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length: *(\d+)", head)
-            body = await reader.readexactly(int(length[1]) if length else 0)
+            head, body = await read_request(reader)
             if head.startswith(b"GET /closed"):  # handed over once: the next load starts from none
                 answer = json.dumps(CLOSED).encode()
                 CLOSED.clear()
@@ -75,11 +81,12 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def main(port: int) -> None:
-    server = await asyncio.start_server(serve, "127.0.0.1", port, backlog=2048)
+async def listen(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], port: int) -> None:
+    """Serve connections on this port of the loopback with the handler, for ever."""
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=2048)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(listen(serve, int(sys.argv[1])))

@@ -47,7 +47,7 @@ def main() -> None:
     if framework == "floor":
         import floor
 
-        floor.uvloop.run(floor.main(port))
+        floor.uvloop.run(floor.listen(floor.serve, port))
         return
     if framework == "fastapi":
         from twin import twin as target

@@ -70,13 +70,15 @@ def cpu_seconds(server: Server) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-async def converse(port: int, order: str, delays: list[float], hang_up_after: float | None = None) -> float | None:
-    """One chat: POST /assistant, read the stream chunk by chunk, note each token's delay in ms.
+async def converse(
+    port: int, order: str, delays: list[float], hang_up_after: float | None = None, state: object = None
+) -> float | None:
+    """One chat: POST /assistant (on the state given), read the stream chunk by chunk, note each token's delay in ms.
 
     With hang_up_after, close the connection after that many seconds and return when it was closed.
     """
     message = {"role": "user", "parts": [{"type": "text", "text": order}]}
-    body = json.dumps({"commands": [{"type": "add-message", "message": message}], "state": None}).encode()
+    body = json.dumps({"commands": [{"type": "add-message", "message": message}], "state": state}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = "POST /assistant HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
     writer.write(f"{head}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
