@@ -1509,19 +1509,17 @@ def test_a_reply_past_the_limit_ends_with_a_readable_error(client: httpx.Client,
 
 
 def test_unreachable_model_server_becomes_an_error_frame(
-    server: Server, client: httpx.Client, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+    client: httpx.Client, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    port, aiohttp_client = free_port(), openai.DefaultAioHttpClient()
-    unreachable = openai.AsyncOpenAI(
-        api_key="sk-server", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, http_client=aiohttp_client
-    )
+    port = free_port()
+    assert app.model_client is not None, "the fake_openai fixture set it"
+    unreachable = app.model_client.with_options(base_url=f"http://127.0.0.1:{port}/v1")  # the same aiohttp client
     monkeypatch.setattr(app, "model_client", unreachable)
     reply = send(client, {"commands": [user_says("hi")], "state": None})
     (error,) = reply.errors
     assert error.startswith("The model request failed: ")
     assert f"Cannot connect to host 127.0.0.1:{port}" in error, "the words that say what went wrong"
     assert text(reply.messages[0]) == "hi"
-    asyncio.run_coroutine_threadsafe(unreachable.close(), server.loop).result(timeout=5)
 
 
 def test_disconnect_closes_the_upstream_request_within_a_second(
