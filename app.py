@@ -98,11 +98,11 @@ if config.OPENAI_API_KEY and openai is None:
 STANDALONE = not settings.configured and "DJANGO_SETTINGS_MODULE" not in os.environ
 if STANDALONE:
     logging.basicConfig(level=config.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # No built-in middleware: each is sync-first, and takes a thread for every request.
     settings.configure(
-        ROOT_URLCONF=__name__,
-        ALLOWED_HOSTS=config.ALLOWED_HOSTS,
-        MIDDLEWARE=[f"{__name__}.cors_middleware"],  # no built-in one: each is sync-first and takes a thread
+        ROOT_URLCONF=__name__, ALLOWED_HOSTS=config.ALLOWED_HOSTS, MIDDLEWARE=[f"{__name__}.cors_middleware"]
     )
+    gc.freeze()  # the imported modules live as long as the process: frozen, the collector stops walking them
 logger = logging.getLogger("assistant_transport")
 MAX_ITEMS = 100  # commands in a request, parts in a message, tool calls in an ai message or a model's step
 
@@ -223,9 +223,6 @@ def cors_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
         response: HttpResponseBase
         try:
             request.get_host()
-        except DisallowedHost as error:
-            response = json_error(400, "Host not allowed (see ALLOWED_HOSTS)", str(error))
-        else:
             if method is None:  # not a preflight
                 response = await get_response(request)
             elif allowed:
@@ -234,6 +231,8 @@ def cors_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
                 response["Access-Control-Allow-Headers"] = request.META.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")
             else:  # a refusal carries no Access-Control-Allow-* header at all
                 response = json_error(403, f"CORS preflight from {origin} for {method} refused (see CORS_ORIGINS)")
+        except DisallowedHost as error:
+            response = json_error(400, "Host not allowed (see ALLOWED_HOSTS)", str(error))
         if allowed:  # credentials go only with an origin listed exactly, never with *
             response["Access-Control-Allow-Origin"] = "*" if any_origin else str(origin)
             if not any_origin:
@@ -303,8 +302,7 @@ def reply_awaited(thread: list[Message]) -> bool:
 
 # --- Agents: a mock or an OpenAI model streams chunks; one writer turns them into state operations ---
 Chunk = dict[str, Any]  # one chat.completion.chunk of a model's stream, as JSON
-# All one request writes (text, reasoning, arguments, tool results, all steps): what a client that stops reading costs.
-REPLY_LIMIT = 200_000  # characters
+REPLY_LIMIT = 200_000  # characters of all one request writes (text, reasoning, arguments, tool results, all steps)
 
 
 class ModelError(Exception):
@@ -326,6 +324,8 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
         controller.append_state_text(["messages", at, *path], text)
 
     async for chunk in chunks:
+        if error := chunk.get("error"):  # a model server's error after its 200, inside the stream
+            raise ModelError(error.get("message") if isinstance(error, dict) else str(error))
         choice = (chunk.get("choices") or [{}])[0]
         delta, stopped = choice.get("delta") or {}, choice.get("finish_reason") or stopped
         if reasoning := delta.get("reasoning_content") or delta.get("reasoning"):  # vLLM, DeepSeek; Ollama
@@ -448,18 +448,6 @@ MODEL_LINE_LIMIT = 1024 * 1024  # bytes of one line of the model's stream
 SAMPLING = ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")  # callSettings
 
 
-async def sse_chunks(received: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
-    """The chunks of a server-sent event stream, line by line; a line that never ends is an error, not a leak."""
-    unfinished = b""
-    async for piece in received:
-        *lines, unfinished = (unfinished + piece).split(b"\n")
-        if len(unfinished) > MODEL_LINE_LIMIT:
-            raise ModelError(f"The model server sent a line over {MODEL_LINE_LIMIT} bytes")
-        for line in lines:
-            if line.startswith(b"data:") and (data := line.removeprefix(b"data:").strip()) != b"[DONE]":
-                yield parse_object(data)
-
-
 async def openai_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
     """Stream a chat completion with the frontend's and the server's tools, as the plain chunks the server sends."""
     assert model_client is not None, "openai_agent runs only when OPENAI_API_KEY is set"
@@ -471,20 +459,23 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
     }
     tools: list[Any] = [{"type": "function", "function": {"name": name, **tool}} for name, tool in offered.items()]
     tools += [openai.pydantic_function_tool(model, name=name) for name, (model, _) in SERVER_TOOLS.items()]
-    # The body as plain JSON in extra_body: the client's typed conversion of the history costs the event loop 340 ms
-    # for 1,000 messages. The raw lines, not its typed chunks (70 µs a chunk): 5x the tokens per core (bench/tokens.py).
-    # The client still brings auth, retries, timeouts and typed errors; leaving the block closes the request.
+    # The body as plain JSON in extra_body (typed, 1,000 messages cost the event loop 340 ms); the raw lines, not its
+    # typed chunks (5x the tokens per core). It still brings auth, retries, timeouts, typed errors; leaving closes it.
     body = {"messages": model_messages(thread, request.system), **options} | ({"tools": tools} if tools else {})
     async with model_client.chat.completions.with_streaming_response.create(
         model=config.OPENAI_MODEL, messages=[], stream=True, extra_body=body
     ) as response:
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             raise ModelError(f"The model server answered {response.headers.get('content-type')}, not a stream")
+        unfinished = b""  # the server-sent events come in pieces of any size: read them line by line
         try:
-            async for chunk in sse_chunks(response.iter_bytes()):
-                if error := chunk.get("error"):  # an error after the 200, inside the stream
-                    raise ModelError(error.get("message") if isinstance(error, dict) else str(error))
-                yield chunk
+            async for piece in response.iter_bytes():
+                *lines, unfinished = (unfinished + piece).split(b"\n")
+                if len(unfinished) > MODEL_LINE_LIMIT:  # a line that never ends is an error, not a leak
+                    raise ModelError(f"The model server sent a line over {MODEL_LINE_LIMIT} bytes")
+                for line in lines:
+                    if line.startswith(b"data:") and (data := line.removeprefix(b"data:").strip()) != b"[DONE]":
+                        yield parse_object(data)
         except ModelError:
             raise
         except Exception as error:  # the SDK types errors up to the headers; a timeout after them is httpx's
@@ -665,11 +656,6 @@ async def application(scope: dict[str, Any], receive: Callable[..., Any], send: 
         return
     async with ThreadSensitiveContext(executor=SYNC_WORKER):
         await django_application(scope, receive, send)
-
-
-if STANDALONE:
-    # Django's heap of objects lives as long as the process: frozen, the collector stops walking it under load.
-    gc.freeze()
 
 
 # --- main: serve with uvicorn, or run any other Django management command ---------------------------
