@@ -158,14 +158,6 @@ Command = Annotated[
 ]
 
 
-class ToolCall(BaseModel):
-    """A tool call on an ai message in the state."""
-
-    model_config = ConfigDict(extra="allow")
-    id: str
-    name: str
-
-
 class StateMessage(BaseModel):
     """A LangChain-style message in the state (human, ai, tool, ...); other fields are kept as sent."""
 
@@ -173,7 +165,7 @@ class StateMessage(BaseModel):
     type: str
     id: str | None = None
     content: JsonValue  # text or content blocks; a tool message's result, as the frontend sent it
-    tool_calls: list[ToolCall] = Field([], max_length=MAX_ITEMS)
+    tool_calls: list[dict[str, JsonValue]] = Field([], max_length=MAX_ITEMS)
     tool_call_id: str | None = None
 
 
@@ -277,7 +269,7 @@ def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
             new_id = command.message.id if command.message.id and command.message.id not in ids else uuid.uuid4().hex
             thread.append({"id": new_id, "type": "human", "content": content})
         elif isinstance(command, AddToolResult):
-            calls = {call["id"]: call for message in thread for call in message.get("tool_calls", [])}
+            calls = {str(call.get("id")): call for message in thread for call in message.get("tool_calls", [])}
             message = tool_message(calls[command.toolCallId], command.result, command.isError)  # KeyError: a 400
             message |= command.model_dump(include={"artifact", "modelContent"}, exclude_none=True, by_alias=True)
             # A retried request's result replaces the first one instead of repeating it.

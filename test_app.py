@@ -742,6 +742,17 @@ def test_schema_errors_name_each_problem(client: httpx.Client) -> None:
     ]
 
 
+@pytest.mark.parametrize("forged", [7, ["call_1"], None], ids=["a number", "a list", "no id"])
+def test_a_tool_call_id_no_server_wrote_costs_that_request_only(client: httpx.Client, forged: Json) -> None:
+    call = {"name": "get_weather", "args": {}} | ({} if forged is None else {"id": forged})
+    state = {"messages": [{"id": "a1", "type": "ai", "content": "", "tool_calls": [call]}]}
+    result = client.post("/assistant", json={"commands": [tool_result("call_1", {"temperature": 21})], "state": state})
+    assert result.status_code == 400
+    assert result.json()["error"] == "add-tool-result for a tool call that is not in the state"
+    reply = chat(client, state, user_says("hi"))
+    assert text(reply.messages[-1]) == 'You said: "hi".'
+
+
 def test_a_tool_result_for_a_call_an_earlier_edit_removed_is_refused(client: httpx.Client) -> None:
     asked = chat(client, None, user_says("weather?"))
     edit = user_says("never mind", source_id=asked.messages[0]["id"])
