@@ -111,9 +111,8 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 @pytest.fixture(autouse=True)
 def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts from the shipped defaults, with a mock that does not wait."""
+    """Each test starts from the shipped defaults (keep-alives every 15 s too), with a mock that does not wait."""
     monkeypatch.setattr(app.config, "MOCK_DELAY", 0)
-    monkeypatch.setattr(app.config, "HEARTBEAT_SECONDS", 0)
 
 
 @pytest.fixture(params=PROTOCOLS)
@@ -542,6 +541,17 @@ def test_keepalives_flow_while_the_run_is_idle(
     reply = chat(client, None, user_says("slow"), protocol=protocol)
     assert reply.keepalives >= 4
     assert text(reply.messages[1]) == 'You said: "slow".'
+
+
+def test_keepalives_come_between_the_lines_of_a_streaming_reply_too(
+    client: httpx.Client, protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app.config, "MOCK_DELAY", 0.02)
+    monkeypatch.setattr(app.config, "HEARTBEAT_SECONDS", 0.03)
+    words = " ".join(f"word{n}" for n in range(25))
+    reply = chat(client, None, user_says(words), protocol=protocol)
+    assert reply.keepalives >= 5, "one timer a stream ticks whether the reply is busy or idle"
+    assert text(reply.messages[1]) == f'You said: "{words}".'
 
 
 def test_error_mid_run_reaches_the_client_and_keeps_the_conversation(

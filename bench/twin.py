@@ -1,4 +1,4 @@
-"""The FastAPI twin of app.py, for the benchmark: the same request model, thread, agent, writer and encoder.
+"""The FastAPI twin of app.py, for the benchmark: the same request model, thread, agent, writer, encoder, keep-alives.
 
 Only the framework differs: FastAPI parses and validates the body, Starlette's middleware does
 CORS and the Host check, and Starlette's StreamingResponse sends the stream. The run below is
@@ -9,7 +9,6 @@ from the functions app.py defines; it leaves out the view's edit case, its step 
 from typing import Any
 
 from assistant_stream import RunController, create_run
-from assistant_stream.serialization.heartbeat import add_keepalive
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -48,8 +47,7 @@ async def assistant(body: app.AssistantRequest) -> StreamingResponse:
             written += await app.run_server_tools(controller, app.REPLY_LIMIT - written)
 
     stream = app.ENCODER.encode_stream(create_run(run, state=state))
-    if app.config.HEARTBEAT_SECONDS:
-        stream = add_keepalive(stream, app.config.HEARTBEAT_SECONDS, app.ENCODER.get_keepalive_token())
+    stream = app.with_keepalives(stream) if app.config.HEARTBEAT_SECONDS else stream
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream, media_type=f"{app.ENCODER.get_media_type()}; charset=utf-8", headers=headers)
 

@@ -26,7 +26,7 @@ export async function startApp(settings = {}) {
   const child = spawn(
     PYTHON,
     ["-m", "uvicorn", "app:application", "--port", String(port), "--lifespan", "off"],
-    { cwd: ROOT, env: { ...process.env, MOCK_DELAY: "0", HEARTBEAT_SECONDS: "0", ...settings } },
+    { cwd: ROOT, env: { ...process.env, MOCK_DELAY: "0", ...settings } },
   );
   let log = "";
   child.stdout.on("data", (data) => (log += data));
