@@ -1,10 +1,10 @@
 """Serve app.py's Django app, or its FastAPI twin, under the same uvicorn settings.
 
-Usage: python bench/serve.py django|fastapi|typed|httpx|floor PORT
+Usage: python bench/serve.py django|fastapi|typed|floor PORT
 
-For the token benchmark: typed is the Django app with the typed-SDK agent of bench/typed_sdk.py;
-httpx is the Django app with the openai client's default httpx transport, as app.py had it before
-issue 19; floor is bench/floor.py, a relay on raw asyncio (no uvicorn, no probe).
+For the token benchmarks: typed is the Django app with the typed-SDK agent of bench/typed_sdk.py;
+floor is bench/floor.py, a relay on raw asyncio (no uvicorn, no probe). With APP_DIR set, the
+app.py in that directory is served instead of this repository's (bench/tokens.py's earlier app.py).
 
 Both sit behind the same probe: GET /__probe answers with the number of tasks in the event loop,
 so the benchmark can see tasks left behind, with neither framework in the way.
@@ -12,6 +12,7 @@ so the benchmark can see tasks left behind, with neither framework in the way.
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any
 
 import uvicorn
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [os.environ.get("APP_DIR") or str(ROOT), str(ROOT / "bench")]
 
 App = Any  # an ASGI application
 
@@ -59,8 +61,6 @@ def main() -> None:
             from typed_sdk import typed_agent
 
             app.run_agent = typed_agent
-        if framework == "httpx" and app.model_client is not None:
-            app.model_client = app.model_client.with_options(http_client=app.openai.DefaultAsyncHttpxClient())
     uvicorn.run(probed(target), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -2,17 +2,19 @@
 
 Usage:
     pip install -e '.[bench,openai]'  # FastAPI, for the twin
-    python bench/tokens.py            # --rounds 3 by default; about 8 minutes
+    python bench/tokens.py            # --rounds 3 by default; about 12 minutes
 
-Four servers answer against the fake model server of bench/model.py:
+Five servers answer against the fake model server of bench/model.py, all but the floor with the
+keep-alives every HEARTBEAT_SECONDS (15) that app.py ships with:
 - django: app.py, the OpenAI agent on the openai client's aiohttp transport;
-- httpx: the same app.py with the client's default httpx transport, as app.py had it before;
+- quiet: the same app.py with HEARTBEAT_SECONDS=0, so the keep-alives' own cost shows;
+- 9250f88: app.py as of that commit (from git), before issue 19: the openai client's httpx transport;
 - fastapi: the FastAPI twin of app.py (bench/twin.py), the same code under another framework;
 - floor: bench/floor.py, the least a relay does (raw asyncio: read the model's SSE, write each delta
-  as one data-stream line), which no framework or library can beat.
+  as one data-stream line, no keep-alives), which no framework or library can beat.
 The server under test is pinned to one core; the fake model and the clients share the other. Each
 token carries the moment the model sent it, so the client knows how late the server delivered it.
-Rounds alternate the servers; the table shows the medians and app.py's ratios to httpx and floor.
+Rounds alternate the servers; the table shows the medians and app.py's ratios to 9250f88 and floor.
 - saturation: 64 streams, tokens as fast as they go. Tokens per second of server CPU (utime + stime
   from /proc/PID/stat, which a noisy machine does not skew), and CPU microseconds per token.
 - paced: 200 streams x 30 tokens/s, and 30 x 30: the delay the server added, p50, p99 and max; CPU
@@ -39,7 +41,8 @@ from pathlib import Path
 
 from run import CLIENT_CORE, ROOT, SERVER_CORE, TWO_CORES, Server, serving
 
-VARIANTS = ("django", "httpx", "fastapi", "floor")
+BASELINE = "9250f88"  # main when issue 19 was filed: the app.py its targets are ratios to
+VARIANTS = ("django", "quiet", BASELINE, "fastapi", "floor")
 TOKEN = re.compile(rb'"append-text", "path": \["messages", "1", "content"\], "value": "(\d+) "')
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -114,9 +117,26 @@ async def load(port: int, streams: int, tokens: int, pace: float, hang_ups: int 
     }
 
 
-def measure(variant: str, model_port: int) -> dict[str, float]:
-    env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": f"http://127.0.0.1:{model_port}/v1"}
-    with serving(variant, **env) as server:
+@contextmanager
+def baseline_app() -> Iterator[str]:
+    """A directory holding app.py as of BASELINE, from this repository's history."""
+    with tempfile.TemporaryDirectory() as directory:
+        source = subprocess.run(["git", "show", f"{BASELINE}:app.py"], cwd=ROOT, capture_output=True, check=True)
+        (Path(directory) / "app.py").write_bytes(source.stdout)
+        yield directory
+
+
+def model_env(model_port: int) -> dict[str, str]:
+    """What every server gets: the fake model, and the keep-alives app.py ships with."""
+    base_url = f"http://127.0.0.1:{model_port}/v1"
+    return {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": base_url, "HEARTBEAT_SECONDS": "15"}
+
+
+def measure(variant: str, model_port: int, baseline: str) -> dict[str, float]:
+    """One variant's run: saturation, then the paced loads; baseline is the directory of BASELINE's app.py."""
+    framework = "django" if variant in ("quiet", BASELINE) else variant
+    settings = {"quiet": {"HEARTBEAT_SECONDS": "0"}, BASELINE: {"APP_DIR": baseline}}.get(variant, {})
+    with serving(framework, **model_env(model_port) | settings) as server:
         asyncio.run(load(server.port, 8, 50, 0))  # warm up: connections to the model, imports, caches
         print(f"  {variant}: started, saturating", file=sys.stderr, flush=True)
         results: dict[str, float] = {}
@@ -147,9 +167,8 @@ PACKAGES += ("httpcore", "h11", "anyio", "json", "pydantic")
 
 def profile(model_port: int) -> None:
     """Sample app.py under the 200 x 30 load with py-spy; print each package's share of the loop's CPU."""
-    env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": f"http://127.0.0.1:{model_port}/v1"}
     samples = Path(tempfile.mkstemp(suffix=".txt")[1])
-    with serving("django", **env) as server:
+    with serving("django", **model_env(model_port)) as server:
         asyncio.run(load(server.port, 8, 50, 0))
         spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250", "-d", "9", "-f", "raw", "-o"]
         recording = subprocess.Popen([*spy, str(samples), "-p", str(server.process.pid)], stdout=subprocess.DEVNULL)
@@ -191,26 +210,26 @@ def model_get(port: int, path: str) -> bytes:
     return answer.split(b"\r\n\r\n", 1)[1]
 
 
-ROWS = [  # key, label, target (on the medians of django, httpx and floor), or None
-    ("tokens per core", "saturation: tokens per second of server CPU", lambda d, h, f: d >= 1.8 * h, ">= 1.8x httpx"),
+ROWS = [  # key, label, target (on the medians of django, the baseline and floor), or None
+    ("tokens per core", "saturation: tokens per second of server CPU", lambda d, b, f: d >= 1.8 * b, ">= 1.8x"),
     ("cpu us per token", "saturation: server CPU us per token", None, ""),
     ("30 p50", "30 x 30 tok/s: added delay p50 ms", None, ""),
     ("30 p99", "30 x 30 tok/s: added delay p99 ms", None, ""),
     ("30 max", "30 x 30 tok/s: added delay max ms", None, ""),
     ("30 cpu us per token", "30 x 30 tok/s: server CPU us per token", None, ""),
     ("200 p50", "200 x 30 tok/s: added delay p50 ms", None, ""),
-    ("200 p99", "200 x 30 tok/s: added delay p99 ms", lambda d, h, f: d <= 100, "<= 100 ms"),
+    ("200 p99", "200 x 30 tok/s: added delay p99 ms", lambda d, b, f: d <= 100, "<= 100 ms"),
     ("200 max", "200 x 30 tok/s: added delay max ms", None, ""),
     (
         "200 cpu us per token",
         "200 x 30 tok/s: server CPU us per token",
-        lambda d, h, f: d <= 0.6 * h and d <= 3 * f,
-        "<= 0.6x httpx, <= 3x floor",
+        lambda d, b, f: d <= 0.6 * b and d <= 3 * f,
+        "<= 0.6x, <= 3x floor",
     ),
     (
         "drop close max ms",
         "200 x 30: 10 hang up; their model requests closed, max ms",
-        lambda d, h, f: d <= 1000,
+        lambda d, b, f: d <= 1000,
         "<= 1 s",
     ),
     ("threads", "200 x 30: threads", None, ""),
@@ -225,8 +244,8 @@ def main() -> None:
     options = parser.parse_args()
     if TWO_CORES:
         os.sched_setaffinity(0, {int(CLIENT_CORE)})
-    with model_server() as model_port:
-        runs = alternate(options.rounds, VARIANTS, lambda variant: measure(variant, model_port))
+    with model_server() as model_port, baseline_app() as baseline:
+        runs = alternate(options.rounds, VARIANTS, lambda variant: measure(variant, model_port, baseline))
         for result in (result for results in runs.values() for result in results):
             result["tokens per core"] = result["saturation tokens"] / result["saturation cpu"]
             result["cpu us per token"] = result["saturation cpu"] * 1e6 / result["saturation tokens"]
@@ -235,13 +254,14 @@ def main() -> None:
     medians = {v: {key: statistics.median(run[key] for run in runs[v]) for key in runs[v][0]} for v in VARIANTS}
     print(f"\nmedians of {options.rounds} rounds; server on core {SERVER_CORE}, model and clients on {CLIENT_CORE}\n")
     names = " | ".join(f"{variant:>9}" for variant in VARIANTS)
-    print(f"| {'measure':<58} | {names} | /httpx | /floor | target |")
-    print(f"|{'-' * 60}|" + "|".join("-" * 11 for _ in VARIANTS) + "|--------|--------|--------|")
+    print(f"| {'measure':<58} | {names} | /{BASELINE} | /floor | target |")
+    print(f"|{'-' * 60}|" + "|".join("-" * 11 for _ in VARIANTS) + "|----------|--------|--------|")
     for key, label, target, goal in ROWS:
         values = {variant: medians[variant][key] for variant in VARIANTS}
-        django, httpx, floor = values["django"], values["httpx"], values["floor"]
-        ratios = " | ".join(f"{django / other:>6.2f}" if other else "     -" for other in (httpx, floor))
-        verdict = f"{goal}: {'met' if target(django, httpx, floor) else 'MISSED'}" if target else ""
+        django, baseline, floor = values["django"], values[BASELINE], values["floor"]
+        ratios = f"{django / baseline:>8.2f} | " if baseline else "       - | "
+        ratios += f"{django / floor:>6.2f}" if floor else "     -"
+        verdict = f"{goal}: {'met' if target(django, baseline, floor) else 'MISSED'}" if target else ""
         print(
             f"| {label:<58} | "
             + " | ".join(f"{value:>9.1f}" for value in values.values())
