@@ -405,7 +405,7 @@ if config.OPENAI_API_KEY:  # one client for the process: it keeps its connection
         base_url=config.OPENAI_BASE_URL or None,
         timeout=config.OPENAI_TIMEOUT,
         max_retries=config.OPENAI_MAX_RETRIES,
-        http_client=openai.DefaultAioHttpClient(),  # not httpx: 1.9x the tokens per core (bench/tokens.py)
+        http_client=openai.DefaultAioHttpClient(),  # not httpx, whose per-read cancel scopes took half the CPU
     )
 
 
@@ -469,7 +469,7 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
                         yield parse_object(data)
         except ModelError:
             raise
-        except Exception as error:  # the SDK types errors up to the headers; a timeout after them is httpx's
+        except Exception as error:  # the SDK types errors up to the headers; a timeout after them is the transport's
             raise ModelError(f"{type(error).__name__} while the reply streamed") from error
 
 
