@@ -8,11 +8,12 @@ Usage:
     python app.py runserver      # the same, reloading when app.py or .env changes; [addr:]port, --noreload
     uvicorn app:application      # the same app, with uvicorn's own options (--workers, ...)
     python app.py check          # any other Django management command
-    path("", include("app"))     # in your own project's urls.py, with "app.cors_middleware" in MIDDLEWARE
+    path("", include("app"))     # in your own project's urls.py: nothing else to add
 """
 
 import argparse
 import asyncio
+import bisect
 import gc
 import inspect
 import json
@@ -20,15 +21,17 @@ import logging
 import os
 import re
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, available_timezones
 
-from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from asgiref.sync import ThreadSensitiveContext
 from assistant_stream import RunController, create_run
 from assistant_stream.serialization import AssistantTransportEncoder, DataStreamEncoder
 from django.conf import settings
@@ -52,7 +55,7 @@ try:
 except ImportError:  # the optional "openai" extra, openai[aiohttp]: only the OpenAI agent needs it
     openai = None  # type: ignore[assignment]
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # --- Configuration: every setting from the environment (or .env), read and checked once -----------
 CommaList = Annotated[list[str], BeforeValidator(lambda raw: [item.strip() for item in raw.split(",") if item.strip()])]
@@ -77,24 +80,30 @@ class Config(BaseModel):
     MAX_REQUEST_BYTES: int = Field(10 * 1024 * 1024, gt=0)
     MAX_MODEL_STEPS: int = Field(5, ge=1, le=100)
     TOOL_TIMEOUT: float = Field(30, gt=0)
-    TOOL_THREADS: int = Field(4, ge=1, le=100)  # a request's sync tool calls at once, in threads of its own
+    TOOL_THREADS: int = Field(4, ge=1, le=100)  # a request's sync tool calls at once, each in a thread
+    TOOL_THREADS_TOTAL: int = Field(32, ge=1, le=1000)  # the process's sync tool calls at once
     TOOL_RESULT_LIMIT: int = Field(100_000, gt=0)  # bytes of a tool result's JSON
 
 
+if __name__ == "__main__":  # python app.py serves this file, whatever DJANGO_SETTINGS_MODULE the shell exports
+    os.environ.pop("DJANGO_SETTINGS_MODULE", None)
+# Served by itself, the file configures Django; imported by a project with settings of its own, nothing.
+STANDALONE = not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE")
+SERVING = ("HOST", "PORT", "LOG_LEVEL", "ALLOWED_HOSTS")  # inside a project these are the project's: not read
 # The environment wins over the .env file beside this one, which is read, not copied into os.environ.
 environment = {**dotenv_values(Path(__file__).with_name(".env")), **os.environ}
-raw = {name: value.strip() for name in Config.model_fields if (value := environment.get(name) or "").strip()}
-try:
-    config = Config.model_validate(raw)
+read = [name for name in Config.model_fields if STANDALONE or name not in SERVING]
+values = {name: (environment.get(name) or "").strip() for name in read}
+try:  # an empty value means the default
+    config = Config.model_validate({name: value for name, value in values.items() if value})
 except ValidationError as error:  # one clear line, not a traceback; not the value, which may be a key
-    name, problems = error.errors()[0]["loc"][0], error.errors()
+    problems = error.errors()
+    name = problems[0]["loc"][0]
     message = " or ".join(problem["msg"] for problem in problems if problem["loc"][0] == name)
-    raise SystemExit(f"Invalid setting {name}: {message}.") from None
+    raise SystemExit(f"app.py: invalid setting {name}: {message}.") from None
 if config.OPENAI_API_KEY and openai is None:
-    raise SystemExit("OPENAI_API_KEY is set, but the openai package is not installed: pip install 'openai[aiohttp]'")
+    raise SystemExit("app.py: OPENAI_API_KEY is set, but the openai package is not: pip install 'openai[aiohttp]'")
 
-# Served by itself, the file configures Django; imported by a project with settings of its own, nothing.
-STANDALONE = not settings.configured and "DJANGO_SETTINGS_MODULE" not in os.environ
 if STANDALONE:
     logging.basicConfig(level=config.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # No built-in middleware: each is sync-first, and takes a thread for every request.
@@ -143,9 +152,11 @@ class AddToolResult(BaseModel):
     modelContent: JsonValue = Field(None, serialization_alias="model_content")
 
 
-def command_type(command: object) -> str:
+def command_type(command: object) -> str | None:
     """Route a command to its model; any other (useAssistantTransportSendCommand's) is kept as it came."""
     kind = command.get("type") if isinstance(command, dict) else None
+    if not isinstance(kind, str):
+        return None  # no model: a command without a type is a client's bug, refused with a 400
     return kind if kind in ("add-message", "add-tool-result") else "custom"
 
 
@@ -185,7 +196,7 @@ class AssistantRequest(BaseModel):
     callSettings: dict[str, JsonValue] = {}  # maxTokens, temperature, ...: the model server checks them
 
 
-def parse_object(text: str | bytes) -> dict[str, Any]:
+def parse_object(text: str | bytes | bytearray) -> dict[str, Any]:
     """A JSON object, refusing what the client's strict decoder refuses (NaN, Infinity) and deep nesting."""
     if not isinstance(parsed := from_json(text, allow_inf_nan=False), dict):
         raise ValueError(f"{type(parsed).__name__} where a JSON object belongs")
@@ -245,36 +256,69 @@ def tool_message(call: Message, result: JsonValue, failed: bool) -> Message:
     return message | {"content": result, "status": "error" if failed else "success"}
 
 
+class UnknownToolCallError(Exception):
+    """An add-tool-result names a call that no ai message in the state holds: the request gets a 400."""
+
+
 def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
     """The thread after every command, in order; the messages the client sent are not changed."""
-    thread = list(sent)
+    thread: list[Message] = []
+    at: dict[tuple[str, object], int] = {}  # where each id's message is: built once, kept right as commands go
+    outside_replies: list[int] = []  # the places of the messages that are not ai or tool messages, in order
+    reply = ("ai", "tool")  # messages assistant-ui shows in a row as one reply, under the first one's id
+
+    def ids_of(message: Message) -> list[tuple[str, object]]:  # its own id, its calls' ids, the call it answers
+        names = [("message", message.get("id")), ("answer", message.get("tool_call_id"))]
+        names += [("call", call.get("id")) for call in message.get("tool_calls", [])]
+        return [(kind, name) for kind, name in names if isinstance(name, str)]  # a client may write anything
+
+    def append(message: Message) -> None:
+        at.update(dict.fromkeys(ids_of(message), len(thread)))
+        if message["type"] not in reply:
+            outside_replies.append(len(thread))
+        thread.append(message)
+
+    def cut(end: int) -> None:  # drop the messages from this place on, and what the index holds of them
+        for message in thread[end:]:
+            for name in ids_of(message):
+                at.pop(name, None)  # an id the client repeated went with the first message cut
+        del outside_replies[bisect.bisect_left(outside_replies, end) :]
+        del thread[end:]
+
+    for message in sent:
+        append(message)
     for command in commands:
         if isinstance(command, AddMessage):  # after its parent, if it names one: an edit drops what followed
-            ids = [message.get("id") for message in thread]
-            if command.parentId is not None and command.parentId in ids:
-                cut = ids.index(command.parentId) + 1
-                # assistant-ui shows ai and tool messages in a row as one reply with the first's id: keep them all.
-                while cut < len(thread) and {thread[cut - 1]["type"], thread[cut]["type"]} <= {"ai", "tool"}:
-                    cut += 1
-                del thread[cut:]
-            elif command.sourceId is not None and command.sourceId in ids:  # the first message, edited
-                del thread[ids.index(command.sourceId) :]
+            if (parent := at.get(("message", command.parentId))) is not None:
+                end = parent + 1
+                if thread[parent]["type"] in reply:  # the cut goes after the whole reply the parent is part of
+                    later = bisect.bisect_right(outside_replies, parent)
+                    end = outside_replies[later] if later < len(outside_replies) else len(thread)
+                cut(end)
+            elif (source := at.get(("message", command.sourceId))) is not None:  # the first message, edited
+                cut(source)
             content = [
                 {"type": "image_url", "image_url": {"url": part.image}}
                 if part.type == "image"
                 else part.model_dump(exclude={"image"})
                 for part in command.message.parts
             ]
-            new_id = command.message.id if command.message.id and command.message.id not in ids else uuid.uuid4().hex
-            thread.append({"id": new_id, "type": "human", "content": content})
+            new_id = command.message.id
+            if new_id is None or ("message", new_id) in at:
+                new_id = uuid.uuid4().hex
+            append({"id": new_id, "type": "human", "content": content})
         elif isinstance(command, AddToolResult):
-            calls = {str(call.get("id")): call for message in thread for call in message.get("tool_calls", [])}
-            message = tool_message(calls[command.toolCallId], command.result, command.isError)  # KeyError: a 400
+            holder = at.get(("call", command.toolCallId))  # the ai message that made the call
+            calls = [] if holder is None else thread[holder].get("tool_calls", [])
+            call = next((call for call in calls if call.get("id") == command.toolCallId), None)
+            if call is None:
+                raise UnknownToolCallError(command.toolCallId)
+            message = tool_message(call, command.result, command.isError)
             message |= command.model_dump(include={"artifact", "modelContent"}, exclude_none=True, by_alias=True)
-            # A retried request's result replaces the first one instead of repeating it.
-            answered = [existing.get("tool_call_id") for existing in thread]
-            at = answered.index(command.toolCallId) if command.toolCallId in answered else len(thread)
-            thread[at : at + 1] = [message]
+            if (answered := at.get(("answer", command.toolCallId))) is None:
+                append(message)
+            else:  # a retried request's result replaces the first one, under its id, instead of repeating it
+                thread[answered] = message | {"id": thread[answered]["id"]}
     return thread
 
 
@@ -293,57 +337,70 @@ def reply_awaited(thread: list[Message]) -> bool:
 
 # --- Agents: a mock or an OpenAI model streams chunks; one writer turns them into state operations ---
 Chunk = dict[str, Any]  # one chat.completion.chunk of a model's stream, as JSON
-REPLY_LIMIT = 200_000  # characters of all one request writes (text, reasoning, arguments, tool results, all steps)
+REPLY_LIMIT = 200_000  # bytes of JSON all one request writes (text, reasoning, arguments, tool results, all steps)
 
 
 class ModelError(Exception):
     """The model's answer broke the protocol or a limit; the message is what the user reads."""
 
 
+def json_size(value: object) -> int:
+    """The bytes a value costs in the state's JSON, as the client sends it back: what REPLY_LIMIT counts."""
+    return len(json.dumps(value, ensure_ascii=False).encode())
+
+
 async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], allowance: int) -> int:
-    """Write a model's streamed chunks into a new ai message as they arrive; return the characters written."""
+    """Write a model's streamed chunks into a new ai message as they arrive; return the bytes written."""
     messages = controller.state["messages"]
     messages.append({"id": uuid.uuid4().hex, "type": "ai", "content": "", "tool_calls": []})
-    # Call ids are ours: model servers reuse theirs (call_0 every turn) and indexes, which only pair a stream's pieces.
-    at, written, calls, stopped = len(messages) - 1, 0, dict[object, tuple[object, int]](), None
+    ai = len(messages) - 1  # the new message's place: every write goes through it
+    written = 0
+    stopped = None  # the model's finish_reason, once it gives one
+    # The call each piece belongs to: the model's index -> (its id, the call's place). Only pieces: model servers
+    # reuse ids (call_0 every turn) and indexes (parallel calls all at 0), so the ids in the state are ours.
+    calls: dict[object, tuple[object, int]] = {}
 
     def append(path: list[str | int], text: str) -> None:
         """Grow a string by append-text, the only way the client's strict decoder lets a string grow."""
         nonlocal written
-        if (written := written + len(text)) > allowance:
-            raise ModelError(f"The reply passed {REPLY_LIMIT} characters")
-        controller.append_state_text(["messages", at, *path], text)
+        written += json_size(text) - 2  # a piece of a string: its quotes are counted once, not per piece
+        if written > allowance:
+            raise ModelError(f"The reply passed {REPLY_LIMIT} bytes")
+        controller.append_state_text(["messages", ai, *path], text)
 
     async for chunk in chunks:
         if error := chunk.get("error"):  # a model server's error after its 200, inside the stream
             raise ModelError(error.get("message") if isinstance(error, dict) else str(error))
         choice = (chunk.get("choices") or [{}])[0]
-        delta, stopped = choice.get("delta") or {}, choice.get("finish_reason") or stopped
+        delta = choice.get("delta") or {}
+        stopped = choice.get("finish_reason") or stopped
         if reasoning := delta.get("reasoning_content") or delta.get("reasoning"):  # vLLM, DeepSeek; Ollama
-            if "additional_kwargs" not in messages[at]:  # where convertLangChainMessages reads reasoning
+            if "additional_kwargs" not in messages[ai]:  # where convertLangChainMessages reads reasoning
                 summary = {"type": "reasoning", "summary": [{"type": "summary_text", "text": ""}]}
-                messages[at]["additional_kwargs"] = {"reasoning": summary}
+                messages[ai]["additional_kwargs"] = {"reasoning": summary}
             append(["additional_kwargs", "reasoning", "summary", 0, "text"], reasoning)
         if delta.get("content"):
             append(["content"], delta["content"])
         for piece in delta.get("tool_calls") or []:
-            function, index = piece.get("function") or {}, piece.get("index", 0)
-            if index not in calls or piece.get("id") not in (None, calls[index][0]):  # a new id: a new call
-                if len(messages[at]["tool_calls"]) == MAX_ITEMS:
+            function = piece.get("function") or {}
+            index = piece.get("index", 0)
+            model_id = piece.get("id") or None  # some servers send "" on the pieces that go on with a call
+            if index not in calls or model_id not in (None, calls[index][0]):  # a new index, or a new id: a new call
+                if len(messages[ai]["tool_calls"]) == MAX_ITEMS:
                     raise ModelError(f"The model called more than {MAX_ITEMS} tools in one step")
-                calls[index] = (piece.get("id"), len(messages[at]["tool_calls"]))
+                calls[index] = (model_id, len(messages[ai]["tool_calls"]))
                 call: Message = {"id": f"call_{uuid.uuid4().hex}", "name": "", "args": {}, "partial_json": ""}
-                messages[at]["tool_calls"].append(call)
+                messages[ai]["tool_calls"].append(call)
             for key, field in (("name", "name"), ("arguments", "partial_json")):  # both may come in pieces
                 if isinstance(function.get(key), str) and function[key]:
                     append(["tool_calls", calls[index][1], field], function[key])
     if stopped in ("length", "content_filter"):  # cut off by the model server: the frontend says so
-        messages[at]["status"] = {"type": "incomplete", "reason": stopped.replace("_", "-")}
-    for position, call in enumerate(messages[at]["tool_calls"]):  # plain values; writes go through the index
+        messages[ai]["status"] = {"type": "incomplete", "reason": stopped.replace("_", "-")}
+    for position, call in enumerate(messages[ai]["tool_calls"]):  # plain values; writes go through the index
         if not call["name"]:
             raise ModelError("The model called a tool without naming it")
         try:  # args once the arguments are complete; small local models may write ones that are not JSON
-            messages[at]["tool_calls"][position]["args"] = storable(parse_object(call["partial_json"] or "{}"))
+            messages[ai]["tool_calls"][position]["args"] = storable(parse_object(call["partial_json"] or "{}"))
         except ValueError as error:
             raise ModelError(f"The arguments for {call['name']} are not a JSON object we can keep: {error}") from None
     return written
@@ -351,10 +408,12 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
 
 def storable(value: object, limit: int = REPLY_LIMIT) -> JsonValue:
     """A value as the next request will read it: JSON within limit bytes, lone surrogates replaced, not too deep."""
-    text = json.dumps(to_jsonable_python(value), ensure_ascii=False, allow_nan=False).encode(errors="replace")
-    if len(text) > limit:
-        raise ValueError(f"{len(text)} bytes of JSON, over the limit of {limit}")
-    from_json(b"[" * 64 + text + b"]" * 64)  # as a request's parser (200 levels) reads it, with room for the state
+    text = bytearray()  # built piece by piece, so that a huge value stops at the limit
+    for piece in json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=to_jsonable_python).iterencode(value):
+        text += piece.encode(errors="replace")
+        if len(text) > limit:
+            raise ValueError(f"more than {limit} bytes of JSON")
+    from_json(b"[" * 64 + text + b"]" * 64)  # it sits deep in the next request, whose parser stops at 200 levels
     return from_json(text)  # type: ignore[no-any-return]
 
 
@@ -436,12 +495,13 @@ def model_messages(thread: list[Message], system: str | None) -> list[Any]:
 
 
 MODEL_LINE_LIMIT = 1024 * 1024  # bytes of one line of the model's stream
+ERROR_LIMIT = 2000  # characters of an error the user reads: a model server's own words may run to megabytes
 SAMPLING = ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")  # callSettings
 
 
 async def openai_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
     """Stream a chat completion with the frontend's and the server's tools, as the plain chunks the server sends."""
-    assert model_client is not None, "openai_agent runs only when OPENAI_API_KEY is set"
+    assert model_client is not None  # openai_agent runs only when OPENAI_API_KEY is set
     sampling = {re.sub("([A-Z])", r"_\1", key).lower(): value for key, value in request.callSettings.items()}
     options: dict[str, Any] = {key: value for key, value in sampling.items() if key in SAMPLING and value is not None}
     offered = {
@@ -458,10 +518,13 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
     ) as response:
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             raise ModelError(f"The model server answered {response.headers.get('content-type')}, not a stream")
-        unfinished = b""  # the server-sent events come in pieces of any size: read them line by line
+        unfinished = bytearray()  # the server-sent events come in pieces of any size: read them line by line
         try:
             async for piece in response.iter_bytes():
-                *lines, unfinished = (unfinished + piece).split(b"\n")
+                unfinished += piece
+                lines: list[bytearray] = []
+                if b"\n" in piece:  # split only when a line ends: a long line in small pieces is not split again
+                    *lines, unfinished = unfinished.split(b"\n")
                 if len(unfinished) > MODEL_LINE_LIMIT:  # a line that never ends is an error, not a leak
                     raise ModelError(f"The model server sent a line over {MODEL_LINE_LIMIT} bytes")
                 for line in lines:
@@ -474,14 +537,17 @@ async def openai_agent(thread: list[Message], request: AssistantRequest) -> Asyn
 
 
 def describe(error: Exception) -> str:
-    """A failed run in words the user can act on; the log keeps the whole error."""
+    """A failed run in words the user can act on, never holding the key; the log keeps the whole error."""
+    text = "The assistant failed while replying. The server log has the details."
     if openai is not None and isinstance(error, openai.APIStatusError):  # the server's words: a bad key, a limit
         detail = error.body.get("message") if isinstance(error.body, dict) else None
-        return f"The model server answered {error.status_code}: {detail or error.message}"
-    if isinstance(error, ModelError) or (openai is not None and isinstance(error, openai.APIError)):
+        text = f"The model server answered {error.status_code}: {detail or error.message}"
+    elif isinstance(error, ModelError) or (openai is not None and isinstance(error, openai.APIError)):
         cause = str(error.__cause__ or "")  # the transport's words: on aiohttp a refused connection "timed out"
-        return f"The model request failed: {error}" + (f" ({cause})" if cause else "")
-    return "The assistant failed while replying. The server log has the details."
+        text = f"The model request failed: {error}" + (f" ({cause})" if cause else "")
+    if config.OPENAI_API_KEY:  # a model server or a proxy may quote the Authorization header it was sent
+        text = text.replace(config.OPENAI_API_KEY, "[OPENAI_API_KEY]")
+    return text[:ERROR_LIMIT]
 
 
 run_agent = openai_agent if model_client else mock_agent  # the agent every run uses
@@ -503,47 +569,69 @@ def get_current_time(arguments: CurrentTime) -> dict[str, str]:
 
 # Each tool: the model of its arguments (its docstring is what the model reads) and a sync or async function.
 SERVER_TOOLS: dict[str, tuple[type[BaseModel], Any]] = {"get_current_time": (CurrentTime, get_current_time)}
+# Sync tool calls at once in the process: one left behind at TOOL_TIMEOUT keeps its thread until it returns.
+TOOL_SLOTS = asyncio.Semaphore(config.TOOL_THREADS_TOTAL)
 
 
-def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> JsonValue:
-    """Call a sync tool and make its result JSON in its thread; then close its database connection, as Django would."""
-    try:
-        return storable(function(arguments), config.TOOL_RESULT_LIMIT)
-    finally:
-        close_old_connections()
+async def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> JsonValue:
+    """Call a sync tool in a daemon thread (Ctrl+C never waits for it), make its result JSON and close its
+    database connection there, as Django does after a request."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[JsonValue] = loop.create_future()
+
+    def work() -> None:
+        try:
+            outcome = partial(answer.set_result, storable(function(arguments), config.TOOL_RESULT_LIMIT))
+        except BaseException as error:  # whatever the tool raised, the caller makes an error result of it
+            outcome = partial(answer.set_exception, error)
+        finally:
+            close_old_connections()
+        loop.call_soon_threadsafe(finish, outcome)
+
+    def finish(outcome: Callable[[], None]) -> None:  # back on the event loop: the thread is done
+        TOOL_SLOTS.release()
+        if not answer.done():  # unless its caller gave up on it
+            outcome()
+
+    await TOOL_SLOTS.acquire()
+    threading.Thread(target=work, name="server-tool", daemon=True).start()
+    return await answer
 
 
-async def run_server_tool(call: Message, threads: ThreadPoolExecutor) -> tuple[JsonValue, bool]:
+async def run_server_tool(call: Message, request_threads: asyncio.Semaphore) -> tuple[JsonValue, bool]:
     """A server tool's result, and whether it failed: whatever it raised."""
     arguments_model, function = SERVER_TOOLS[call["name"]]
     try:
         arguments = arguments_model.model_validate(call["args"])
         if inspect.iscoroutinefunction(function):
             return storable(await function(arguments), config.TOOL_RESULT_LIMIT), False
-        return await sync_to_async(run_sync_tool, thread_sensitive=False, executor=threads)(function, arguments), False
-    except BaseException as error:  # argparse's SystemExit must not end the server, nor a CancelledError the run
-        if (task := asyncio.current_task()) and task.cancelling():  # left behind, or the run was cancelled
+        async with request_threads:
+            return await run_sync_tool(function, arguments), False
+    except BaseException as error:  # SystemExit (argparse) and KeyboardInterrupt too: they must not end the server
+        # A CancelledError is the tool's error, unless it cancels this task (left behind, or the client gone).
+        if (task := asyncio.current_task()) and task.cancelling():
             raise
-        logger.warning("Server tool %s failed: %r", call["name"], error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return f"{call['name']} failed: {type(error).__name__}: {error}", True
 
 
 async def run_server_tools(controller: RunController, allowance: int) -> int:
-    """Run the server tools the last reply calls, side by side, answer each with a tool message; return its size."""
+    """Run the server tools the last reply calls, side by side, answer each with a tool message; return their size."""
     calls = [call for call in controller.state["messages"][-1]["tool_calls"] if call["name"] in SERVER_TOOLS]
-    threads = ThreadPoolExecutor(config.TOOL_THREADS, thread_name_prefix="server-tool")  # this request's; ends with it
+    request_threads = asyncio.Semaphore(config.TOOL_THREADS)  # this request's sync calls at once
     # Each a task of its own: one past TOOL_TIMEOUT is left behind even if it ignores cancellation.
-    running = [asyncio.create_task(run_server_tool(call, threads)) for call in calls]
+    running = [asyncio.create_task(run_server_tool(call, request_threads)) for call in calls]
     try:
         await asyncio.wait(running, timeout=config.TOOL_TIMEOUT) if running else None
     finally:  # the run's own cancellation reaches the tools; a sync tool's thread cannot be stopped, and runs on
         for task in running:
             task.cancel()  # nothing once it has finished
-    written, late = 0, f"did not finish within TOOL_TIMEOUT ({config.TOOL_TIMEOUT:g} seconds)"
+    written = 0
+    late = f"did not finish within TOOL_TIMEOUT ({config.TOOL_TIMEOUT:g} seconds)"
     for call, task in zip(calls, running, strict=True):
         result, failed = task.result() if task.done() else (f"{call['name']} {late}", True)
-        if (written := written + len(as_text(result))) > allowance:
-            result, failed = f"{call['name']} answered more than the reply may hold ({REPLY_LIMIT} characters)", True
+        if written + json_size(result) > allowance:  # counted as what is stored: the error, not the result
+            result, failed = f"{call['name']} answered more than the reply may hold ({REPLY_LIMIT} bytes)", True
+        written += json_size(result)
         controller.state["messages"].append(tool_message(call, result, failed))
     return written
 
@@ -556,30 +644,32 @@ def frontend_tools(request: AssistantRequest) -> dict[str, dict[str, JsonValue]]
 
 # --- The endpoint: parse the body, apply its commands, run the agent, stream the state -------------
 async def with_keepalives(stream: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The stream and a keep-alive line every HEARTBEAT_SECONDS, for 9% more CPU a token (add_keepalive: 20%)."""
-    lines, loop = asyncio.Queue[str | None](), asyncio.get_running_loop()
+    """The stream, and a keep-alive line every HEARTBEAT_SECONDS while it lasts, busy or idle alike."""
+    lines = asyncio.Queue[str | None]()
 
     async def read() -> None:  # one task for the whole stream, where add_keepalive made one for every chunk
-        async for line in stream:
-            lines.put_nowait(line)
+        try:
+            async for line in stream:
+                lines.put_nowait(line)
+        finally:
+            lines.put_nowait(None)  # the end; if the stream failed, awaiting this task raises its error
 
-    def tick() -> None:  # busy or idle alike: a line of nothing each interval costs less than watching for silence
-        if not reader.done():
+    async def beat() -> None:  # a line each interval: cheaper than watching every chunk for silence
+        while True:
+            await asyncio.sleep(config.HEARTBEAT_SECONDS)
             lines.put_nowait(ENCODER.get_keepalive_token())
-            loop.call_later(config.HEARTBEAT_SECONDS, tick)
 
     reader = asyncio.create_task(read())
-    reader.add_done_callback(lambda _: lines.put_nowait(None))  # the end; if the stream failed, awaiting it raises
-    loop.call_later(config.HEARTBEAT_SECONDS, tick)
+    beater = asyncio.create_task(beat())
     try:
         while (line := await lines.get()) is not None:
             yield line
         await reader
-    finally:  # the client went away: cancelling the reader stops the run, which closes the model request
-        reader.cancel()
+    finally:  # finished, failed or the client gone: both tasks end with the stream, and nothing holds its state
+        beater.cancel()
+        reader.cancel()  # when the client went away, this stops the run, which closes the model request
 
 
-@csrf_exempt  # a JSON API called cross-origin without cookies: CORS guards it, not a CSRF token
 async def assistant(request: HttpRequest) -> HttpResponseBase:
     """POST /assistant: apply the commands to the state the client sent, then stream the agent's changes."""
     if request.method != "POST":
@@ -599,7 +689,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         return json_error(400, message, problems[:20])
     except ValueError as error:  # not JSON, not UTF-8, NaN, nested too deep
         return json_error(400, "Body is not a JSON object", str(error))
-    except LookupError as error:  # an add-tool-result whose call no ai message in the thread holds
+    except UnknownToolCallError as error:
         return json_error(400, "add-tool-result for a tool call that is not in the state", list(error.args))
 
     async def run(controller: RunController) -> None:
@@ -650,26 +740,36 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
 
 
 # --- URLs and the ASGI application -----------------------------------------------------------------
-urlpatterns = [path("assistant", assistant), path("health", health)]
+def own(view: Callable[..., Any]) -> Callable[..., Any]:
+    """A view of this file's: inside a project only these pass the CORS middleware, never the project's pages,
+    and are csrf_exempt (a JSON API called cross-origin without cookies, which CORS guards, not a CSRF token)."""
+    return view if STANDALONE else csrf_exempt(cors_middleware(view))
+
+
+urlpatterns = [path("assistant", own(assistant)), path("health", own(health))]
 handler404 = not_found  # used only where this file is the root URLconf
 
-django_application = get_asgi_application()
-# Django gives each request a sync thread of its own (to close the response), held as long as its stream: share one.
-SYNC_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-sync")
+if STANDALONE:  # what app.py's own server needs; a project serves itself with its asgi.py, these untouched
+    django_application = get_asgi_application()
+    # Django gives each request a sync thread (to close the response), held as long as its stream: share one.
+    SYNC_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-sync")
 
 
 async def application(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
     """The ASGI app: Django with one shared sync worker; uvicorn's start-up and shut-down messages answered."""
-    if scope["type"] == "lifespan":  # Django answers these with an error; it has nothing to start or stop
-        while (await receive())["type"] != "lifespan.shutdown":
-            agent = f"openai, model {config.OPENAI_MODEL}" if model_client else "mock (no OPENAI_API_KEY)"
-            hosts = f"CORS_ORIGINS={','.join(config.CORS_ORIGINS)}; ALLOWED_HOSTS={','.join(settings.ALLOWED_HOSTS)}"
-            logger.info(f"Agent: {agent}; server tools: {','.join(SERVER_TOOLS)}; {config.STREAM_PROTOCOL}; {hosts}")
-            await send({"type": "lifespan.startup.complete"})
+    if scope["type"] == "lifespan":  # Django would answer these with an error; it has nothing to start or stop
+        await receive()  # lifespan.startup
+        agent = f"openai, model {config.OPENAI_MODEL}" if model_client else "mock (no OPENAI_API_KEY)"
+        hosts = f"CORS_ORIGINS={','.join(config.CORS_ORIGINS)}; ALLOWED_HOSTS={','.join(config.ALLOWED_HOSTS)}"
+        logger.info(f"Agent: {agent}; server tools: {','.join(SERVER_TOOLS)}; {config.STREAM_PROTOCOL}; {hosts}")
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
         await send({"type": "lifespan.shutdown.complete"})
-        return
-    async with ThreadSensitiveContext(executor=SYNC_WORKER):
-        await django_application(scope, receive, send)
+    elif scope["type"] == "websocket":  # no endpoint here takes one: refused (403), not a traceback in the log
+        await send({"type": "websocket.close"})
+    else:
+        async with ThreadSensitiveContext(executor=SYNC_WORKER):
+            await django_application(scope, receive, send)
 
 
 # --- main: serve with uvicorn, or run any other Django management command ---------------------------

@@ -2,10 +2,12 @@
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
-import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +48,7 @@ SETTINGS = [
     "MAX_MODEL_STEPS",
     "TOOL_TIMEOUT",
     "TOOL_THREADS",
+    "TOOL_THREADS_TOTAL",
     "TOOL_RESULT_LIMIT",
 ]
 os.environ.update(dict.fromkeys(SETTINGS, ""))
@@ -64,6 +67,16 @@ PROTOCOLS = ["data-stream", "assistant-transport"]
 class Server:
     url: str
     loop: asyncio.AbstractEventLoop
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server's event loop thread has used so far."""
+
+        async def thread_id() -> int:
+            return threading.get_native_id()
+
+        tid = asyncio.run_coroutine_threadsafe(thread_id(), self.loop).result(timeout=5)
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime and stime
 
     def task_count(self) -> int:
         """Tasks alive in the server's event loop, not counting the one asking."""
@@ -252,6 +265,26 @@ def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
     return condition()
+
+
+def longest_stall(server: Server, action: Callable[[], object]) -> float:
+    """Do something, and say how long the server's event loop went without a turn meanwhile, in seconds."""
+    stop, gaps = threading.Event(), [0.0]
+
+    async def ticker() -> None:  # in the server's event loop, as another user's stream would be
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.002)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    ticking = asyncio.run_coroutine_threadsafe(ticker(), server.loop)
+    try:
+        action()
+    finally:
+        stop.set()
+        ticking.result(timeout=5)
+    return max(gaps)
 
 
 # --- The conversation: LangChain messages, as convertLangChainMessages reads them -----------
@@ -658,6 +691,8 @@ REFUSALS = {
         "POST", "/assistant", b'{"commands": [], "state": {"messages": [{"role": "robot"}]}}'
     ),
     "too-many-commands": Refusal("POST", "/assistant", json.dumps({"commands": [{"type": "x"}] * 101}).encode()),
+    "a-command-without-a-type": Refusal("POST", "/assistant", b'{"commands": [{"text": "hi"}]}'),
+    "a-command-whose-type-is-not-a-string": Refusal("POST", "/assistant", b'{"commands": [{"type": 7}]}'),
     "unknown-tool-call": Refusal(
         "POST",
         "/assistant",
@@ -853,6 +888,12 @@ def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+class AppClient(httpx.Client):
+    """A client of the app in a process of its own, which it knows."""
+
+    process: subprocess.Popen[bytes]
+
+
 @contextmanager
 def app_process(
     command: list[str],
@@ -861,7 +902,7 @@ def app_process(
     prefix: str = "",
     log: Path | None = None,
     **env: str | None,
-) -> Iterator[httpx.Client]:
+) -> Iterator[AppClient]:
     """Start the app as a user would ("{port}" in the command is a free port), and wait until it answers.
 
     A setting given as None is left out of the environment altogether, as on a machine that never set it.
@@ -876,12 +917,19 @@ def app_process(
         stderr=output,
     )
     try:
-        with httpx.Client(base_url=f"http://{host}:{port}/{prefix}", timeout=10) as http:
+        with AppClient(base_url=f"http://{host}:{port}/{prefix}", timeout=10) as http:
+            http.process = process
             assert wait_until(lambda: answers(http), 20), "the server did not start"
             yield http
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def status_of(process: subprocess.Popen[bytes], field_name: str) -> int:
+    """A number from /proc/PID/status: VmRSS in kB, Threads, ..."""
+    lines = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+    return int(next(line.split()[1] for line in lines if line.startswith(f"{field_name}:")))
 
 
 def answers(http: httpx.Client) -> bool:
@@ -996,7 +1044,7 @@ def test_bad_setting_stops_startup_with_one_clear_line(name: str, value: str, re
     assert result.returncode != 0
     line = result.stderr.strip()
     assert "\n" not in line, "one line, not a traceback"
-    assert line.startswith(f"Invalid setting {name}: "), line
+    assert line.startswith(f"app.py: invalid setting {name}: "), line
     assert line.endswith(f"{reason}."), "in pydantic's words"
     assert name != "OPENAI_API_KEY" or value not in line, "a key is never printed"
 
@@ -1007,7 +1055,7 @@ def test_a_key_without_the_openai_extra_stops_startup_with_one_line(tmp_path: Pa
     result = run_app("app.py", "check", OPENAI_API_KEY="sk-test", PYTHONPATH=str(tmp_path))
     assert result.returncode != 0
     assert result.stderr.strip() == (
-        "OPENAI_API_KEY is set, but the openai package is not installed: pip install 'openai[aiohttp]'"
+        "app.py: OPENAI_API_KEY is set, but the openai package is not: pip install 'openai[aiohttp]'"
     )
 
 
@@ -1086,7 +1134,8 @@ class Completion:
     status: int = 200
     error: Json = None
     head_delay: float = 0  # seconds before the response starts: a hung model server
-    raw: bytes = b""  # sent as is after the deltas: a broken stream
+    raw: bytes = b""  # sent as is before the deltas: a broken stream, or lines the client skips
+    raw_piece: int = 0  # if set, raw goes out in pieces of this many bytes, each sent on its own
     content_type: str = "text/event-stream"
 
 
@@ -1113,6 +1162,7 @@ class FakeOpenAI:
     """An OpenAI-compatible server: streams scripted chat.completion.chunk events, records requests."""
 
     script: list[Completion] = field(default_factory=list)
+    respond: Callable[[Json], Completion] | None = None  # if set, the answer to each request, once script is empty
     requests: list[Json] = field(default_factory=list)
     authorizations: list[str] = field(default_factory=list)
     disconnected_at: float | None = None
@@ -1127,17 +1177,18 @@ class FakeOpenAI:
             body, more = body + message.get("body", b""), message.get("more_body", False)
         self.requests.append(json.loads(body))
         self.authorizations.append(dict(scope["headers"]).get(b"authorization", b"").decode())
-        answer = self.script.pop(0) if self.script else says("ok")
+        answer = self.script.pop(0) if self.script else (self.respond or (lambda _: says("ok")))(self.requests[-1])
         await asyncio.sleep(answer.head_delay)
         if answer.content_type != "text/event-stream":  # a 200 that is not a stream: a login page, a proxy
             headers = [(b"content-type", answer.content_type.encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b"<html><body>Please sign in</body></html>"})
             return
-        if answer.status != 200:
+        if answer.status != 200:  # "{authorization}" in the message quotes the header, as some proxies do
+            error = {**answer.error, "message": answer.error["message"].format(authorization=self.authorizations[-1])}
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-            await send({"type": "http.response.body", "body": json.dumps({"error": answer.error}).encode()})
+            await send({"type": "http.response.body", "body": json.dumps({"error": error}).encode()})
             return
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         hung_up = asyncio.ensure_future(receive())  # resolves with http.disconnect when the client goes
@@ -1150,8 +1201,11 @@ class FakeOpenAI:
         events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
         if answer.error is not None:  # an error after the 200, as the API sends one mid-stream
             events[-2:] = [{"error": answer.error}]
-        if answer.raw:
-            await send({"type": "http.response.body", "body": answer.raw, "more_body": True})
+        step = answer.raw_piece or len(answer.raw) or 1
+        for start in range(0, len(answer.raw), step):
+            await send({"type": "http.response.body", "body": answer.raw[start : start + step], "more_body": True})
+            if answer.raw_piece:
+                time.sleep(0.0002)  # noqa: ASYNC251 (apart in time, so that the client reads each alone; a fake may wait)
         for event in events:
             done, _ = await asyncio.wait({hung_up}, timeout=answer.delay)
             if done:
@@ -1181,6 +1235,7 @@ def fake_openai(
     """The OpenAI agent serves the next requests, with the fake as its model server."""
     fake, running = fake_openai_server
     fake.script, fake.requests, fake.authorizations, fake.disconnected_at, fake.sent_bytes = [], [], [], None, 0
+    fake.respond = None
     model_client = openai.AsyncOpenAI(
         api_key="sk-server",
         base_url=f"{running.url}/v1",
@@ -1522,11 +1577,69 @@ def test_model_errors_become_a_readable_error_frame(
     assert "sk-server" not in reply.body
 
 
-def test_a_reply_past_the_limit_ends_with_a_readable_error(client: httpx.Client, fake_openai: FakeOpenAI) -> None:
-    fake_openai.script = [says(*["y" * 1000] * (app.REPLY_LIMIT // 1000 + 10))]
+REPLY_LIMIT = 200_000  # the README: "200,000 bytes of JSON for all a request writes"
+
+
+def stored_size(value: Json) -> int:
+    """The bytes a value costs in the state's JSON, as the client's JSON.stringify sends it back."""
+    return len(json.dumps(value, ensure_ascii=False).encode())
+
+
+@pytest.mark.parametrize("character", ["y", "é", "\x01"], ids=["ascii", "two-bytes", "six-bytes-escaped"])
+def test_a_reply_past_the_limit_ends_with_a_readable_error_and_what_it_stored_fits(
+    client: httpx.Client, fake_openai: FakeOpenAI, character: str
+) -> None:
+    fake_openai.script = [says(*[character * 1000] * (REPLY_LIMIT // 1000 + 10))]
     reply = send(client, {"commands": [user_says("go on")], "state": None})
-    assert reply.errors == [f"The model request failed: The reply passed {app.REPLY_LIMIT} characters"]
-    assert app.REPLY_LIMIT <= len(reply.messages[1]["content"]) <= app.REPLY_LIMIT + 1000, "what came is kept"
+    assert reply.errors == ["The model request failed: The reply passed 200000 bytes"]
+    stored = stored_size(reply.messages[1]["content"]) - 2  # the text, without its quotes
+    assert REPLY_LIMIT - 6000 <= stored <= REPLY_LIMIT, "what came is kept, counted as the JSON it costs"
+    goes_on(client, fake_openai, reply.state)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [fails(500, "x" * 900_000), Completion([{"content": "Hi"}], error={"message": "x" * 900_000})],
+    ids=["an-error-status", "an-error-in-the-stream"],
+)
+def test_a_model_servers_endless_error_text_is_cut_to_2000_characters(
+    client: httpx.Client, fake_openai: FakeOpenAI, failure: Completion
+) -> None:
+    fake_openai.script = [failure]
+    reply = send(client, {"commands": [user_says("hi")], "state": None})
+    (error,) = reply.errors
+    assert error.startswith(("The model server answered 500: xxx", "The model request failed: xxx"))
+    assert len(error) == 2000, "the README's cap on an error the user reads"
+    assert reply.messages[1]["status"]["error"] == error
+    goes_on(client, fake_openai, reply.state)
+
+
+def test_an_error_that_quotes_the_key_shows_its_name_instead(fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
+    fake, running = fake_openai_server
+    fake.script = [fails(401, "The proxy refused Authorization: {authorization}")]
+    with app_process(["app.py"], OPENAI_API_KEY="sk-env-secret", OPENAI_BASE_URL=f"{running.url}/v1") as http:
+        reply = send(http, {"commands": [user_says("hi")], "state": None})
+    assert fake.authorizations[-1] == "Bearer sk-env-secret", "the model server did get the key"
+    assert reply.errors == ["The model server answered 401: The proxy refused Authorization: Bearer [OPENAI_API_KEY]"]
+    assert "sk-env-secret" not in reply.body
+
+
+def test_a_long_line_in_small_pieces_costs_what_short_lines_do(
+    server: Server, client: httpx.Client, fake_openai: FakeOpenAI
+) -> None:
+    # 1 MB of lines the client skips (SSE comments), in 200-byte pieces: one long line, or 5,000 short ones.
+    long_line = b": " + b"x" * 999_997 + b"\n"
+    short_lines = (b": " + b"x" * 197 + b"\n") * 5000
+
+    def cpu(raw: bytes) -> float:
+        fake_openai.script = [Completion([{"content": "ok"}], raw=raw, raw_piece=200)]
+        before = server.cpu_seconds()
+        assert chat(client, None, user_says("hi")).messages[1]["content"] == "ok"
+        return server.cpu_seconds() - before
+
+    short, long = cpu(short_lines), cpu(long_line)
+    print(f"the server's CPU for 1 MB in 200-byte pieces: short lines {short:.2f} s, one long line {long:.2f} s")
+    assert long < 2 * short + 0.1, "each piece of a long line made the server read the whole line again"
 
 
 def test_unreachable_model_server_becomes_an_error_frame(
@@ -1649,6 +1762,7 @@ class ToolLog:
 
     started: list[int] = field(default_factory=list)
     cancelled_at: list[float] = field(default_factory=list)
+    build_seconds: list[float] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -1701,7 +1815,28 @@ def tools(monkeypatch: pytest.MonkeyPatch) -> ToolLog:
         log.started.append(arguments.number)
         return {"order": arguments.number, "late": True}
 
-    for function in (lookup_order, slow_order, sync_order, odd_order, odd_async_order):
+    def sized_order(arguments: OrderNumber) -> Json:  # a result of about this many kilobytes
+        return "x" * (arguments.number * 1000)
+
+    def crowded_order(arguments: OrderNumber) -> Json:  # a result far over TOOL_RESULT_LIMIT, in small pieces
+        started = time.perf_counter()
+        items = [{"n": n} for n in range(2_000_000)]
+        log.build_seconds.append(time.perf_counter() - started)
+        return items
+
+    async def crowded_async_order(arguments: OrderNumber) -> Json:
+        return crowded_order(arguments)
+
+    for function in (
+        lookup_order,
+        slow_order,
+        sync_order,
+        odd_order,
+        odd_async_order,
+        sized_order,
+        crowded_order,
+        crowded_async_order,
+    ):
         monkeypatch.setitem(app.SERVER_TOOLS, function.__name__, (OrderNumber, function))
     return log
 
@@ -1823,7 +1958,7 @@ def test_a_server_tool_and_a_frontend_tool_in_one_step(client: httpx.Client, fak
 
 
 def test_a_server_tool_that_raises_gives_the_model_an_error_result(
-    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, caplog: pytest.LogCaptureFixture
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog
 ) -> None:
     fake_openai.script = [calls_tools(order("call_x", "sync_order", 13)), says("There is no order 13.")]
     reply = chat(client, None, user_says("Where is order 13?"))
@@ -1831,21 +1966,6 @@ def test_a_server_tool_that_raises_gives_the_model_an_error_result(
     assert (failed["status"], failed["content"]) == ("error", "sync_order failed: LookupError: No order 13")
     assert fake_openai.requests[1]["messages"][-1]["content"] == "Error: sync_order failed: LookupError: No order 13"
     assert reply.messages[-1]["content"] == "There is no order 13."
-    (logged,) = [record for record in caplog.records if record.name == "assistant_transport"]
-    assert logged.getMessage() == "Server tool sync_order failed: LookupError('No order 13')"
-    assert not logged.exc_info, "a traceback per failed call floods the log; it is there at DEBUG"
-
-
-def test_failed_tool_calls_log_a_line_each_and_their_tracebacks_at_debug(
-    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.DEBUG, logger="assistant_transport")
-    calls = [order(f"call_{n}", "sync_order", 13) for n in range(3)]
-    fake_openai.script = [calls_tools(*calls), says("None of them exist.")]
-    chat(client, None, user_says("Where are orders 13, 13 and 13?"))
-    failures = [record for record in caplog.records if record.getMessage().startswith("Server tool sync_order failed")]
-    assert len(failures) == 3
-    assert all(record.exc_info for record in failures), "at DEBUG the traceback comes with the line"
 
 
 def test_server_tool_arguments_its_model_refuses_give_an_error_result(
@@ -1925,9 +2045,24 @@ def test_a_tool_result_past_the_limit_is_an_error_result_the_model_reads(
 ) -> None:
     fake_openai.script = [calls_tools(order("call_b", "odd_order", 3)), says("Too big.")]
     reply = chat(client, None, user_says("Where is order 3?"))
-    message = "odd_order failed: ValueError: 1000002 bytes of JSON, over the limit of 100000"
+    message = "odd_order failed: ValueError: more than 100000 bytes of JSON"  # TOOL_RESULT_LIMIT's default
     assert (reply.messages[2]["status"], reply.messages[2]["content"]) == ("error", message)
     assert fake_openai.requests[1]["messages"][-1]["content"] == f"Error: {message}"
+
+
+@pytest.mark.parametrize("name", ["crowded_order", "crowded_async_order"])
+def test_a_result_far_over_the_limit_is_stopped_there_not_serialized_whole(
+    server: Server, client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, name: str
+) -> None:
+    fake_openai.script = [calls_tools(order("call_c", name, 1)), says("Too many.")]
+    replies: list[Reply] = []
+    stall = longest_stall(server, lambda: replies.append(chat(client, None, user_says("All the orders?"))))
+    (built,) = tools.build_seconds
+    print(f"{name}: building 2,000,000 items took {built * 1000:.0f} ms; the longest stall {stall * 1000:.0f} ms")
+    # The tool's own work (building the list, and freeing it) may hold the loop; turning all of it into JSON,
+    # as the whole result was before (0.6 to 2.5 s), must not add to that.
+    assert stall < (2 * built + 0.15 if name == "crowded_async_order" else 0.15)
+    assert replies[0].messages[2]["content"] == f"{name} failed: ValueError: more than 100000 bytes of JSON"
 
 
 def test_a_sync_tools_result_becomes_json_in_its_worker_thread(
@@ -1955,6 +2090,18 @@ def test_a_tool_result_the_next_request_could_not_read_never_reaches_the_state(
     assert reply.messages[2]["status"] == status
     assert reply.messages[2]["content"].startswith(content)
     goes_on(client, fake_openai, reply.state)
+
+
+def test_a_tool_result_refused_for_the_requests_limit_counts_only_as_its_error(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog
+) -> None:
+    # Three results of 90 kB each: two fit the request's 200,000 bytes, the third is refused, and the model's
+    # answer still fits, since the refused one counts as the error that is stored in its place.
+    fake_openai.script = [calls_tools(*(order(f"call_{n}", "sized_order", 90) for n in range(3))), says("Two of 3.")]
+    reply = chat(client, None, user_says("Orders of 90 kB?"))
+    assert [message["status"] for message in reply.messages[2:5]] == ["success", "success", "error"]
+    assert reply.messages[4]["content"] == "sized_order answered more than the reply may hold (200000 bytes)"
+    assert reply.messages[-1]["content"] == "Two of 3."
 
 
 def test_one_users_slow_sync_tools_never_make_another_users_wait(
@@ -2111,6 +2258,16 @@ def test_a_server_call_and_a_browser_call_with_one_id_are_two_calls(
     assert asked.messages[2]["tool_call_id"] == time_call["id"]
 
 
+def test_pieces_that_carry_an_empty_id_and_name_go_on_with_their_call(
+    client: httpx.Client, fake_openai: FakeOpenAI
+) -> None:
+    # As DashScope streams Qwen's calls: the pieces after the first carry "id": "" and "name": "".
+    pieces = [piece(0, "call_w", "get_weather", '{"loc'), piece(0, "", "", 'ation": '), piece(0, "", "", '"Lima"}')]
+    fake_openai.script = [Completion(pieces, finish_reason="tool_calls")]
+    reply = chat(client, None, user_says("Weather in Lima?"))
+    assert [(call["name"], call["args"]) for call in calls(reply.state)] == [("get_weather", {"location": "Lima"})]
+
+
 @pytest.mark.parametrize(
     "pieces",
     [
@@ -2201,24 +2358,212 @@ def test_a_long_history_never_stalls_other_streams(
     for n in range(1500):
         history.append({"id": f"h{n}", "type": "human", "content": [{"type": "text", "text": f"question {n}"}]})
         history.append({"id": f"a{n}", "type": "ai", "content": f"answer {n}, with a few more words", "tool_calls": []})
-    stop, gaps = threading.Event(), []
-
-    async def ticker() -> None:  # in the server's event loop, as another user's stream would be
-        last = time.monotonic()
-        while not stop.is_set():
-            await asyncio.sleep(0.002)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    ticking = asyncio.run_coroutine_threadsafe(ticker(), server.loop)
     fake_openai.script = [says("ok")]
-    chat(client, {"messages": history}, user_says("one more"))
-    stop.set()
-    ticking.result(timeout=5)
+    stall = longest_stall(server, lambda: chat(client, {"messages": history}, user_says("one more")))
     assert len(fake_openai.requests[0]["messages"]) == 3001
-    print(f"longest stall of the event loop with 3,000 messages: {max(gaps) * 1000:.0f} ms")
-    assert max(gaps) < 0.25, "the model request for a long history held up every other stream"
+    print(f"longest stall of the event loop with 3,000 messages: {stall * 1000:.0f} ms")
+    assert stall < 0.25, "the model request for a long history held up every other stream"
+
+
+def long_thread(turns: int) -> list[Json]:
+    """A thread of many turns, each a question and a reply that called the frontend's tool, answered."""
+    thread: list[Json] = []
+    for n in range(turns):
+        call = {"id": f"call_{n}", "name": "get_weather", "args": {}, "partial_json": "{}"}
+        thread.append({"id": f"h{n}", "type": "human", "content": [{"type": "text", "text": f"question {n}"}]})
+        thread.append({"id": f"a{n}", "type": "ai", "content": "", "tool_calls": [call]})
+        thread.append({"id": f"t{n}", "type": "tool", "tool_call_id": f"call_{n}", "name": "get_weather", "content": 1})
+    return thread
+
+
+@pytest.mark.parametrize("kind", ["add-message", "add-tool-result"])
+def test_a_hundred_commands_cost_about_what_one_does_on_a_long_thread(
+    server: Server, client: httpx.Client, kind: str
+) -> None:
+    if kind == "add-message":  # 120,000 short messages, 6 MB; each command an edit that names the one before
+        state = {"messages": [{"id": f"m{n}", "type": "human", "content": ""} for n in range(120_000)]}
+        commands = [user_says(f"message {n}", parent_id=f"m{119_999 + n}") for n in range(100)]
+        for n, command in enumerate(commands):
+            command["message"]["id"] = f"m{120_000 + n}"
+    else:  # 30,000 messages of 10,000 tool rounds, 2.9 MB; each command retries a result
+        state = {"messages": long_thread(10_000)}
+        commands = [tool_result(f"call_{n}", {"retried": n}) for n in range(100)]
+    one = longest_stall(server, lambda: send(client, {"commands": commands[:1], "state": state}))
+    hundred = longest_stall(server, lambda: send(client, {"commands": commands, "state": state}))
+    print(f"{kind}: the loop's longest stall with one command {one * 1000:.0f} ms, with 100 {hundred * 1000:.0f} ms")
+    assert hundred < 1.5 * one + 0.05, "a command's work grew with the thread"
+
+
+# --- Nothing outlives a stream; tool threads bounded; Ctrl+C; WebSockets -------------------------
+
+
+def test_clients_that_hang_up_leave_no_memory_behind() -> None:
+    state = {"messages": [{"id": f"m{n}", "type": "human", "content": "x" * 1000} for n in range(3000)]}  # 3 MB
+    body = json.dumps({"commands": [user_says("word " * 100)], "state": state}).encode()
+    with app_process(["app.py"], MOCK_DELAY="0.05") as http:
+
+        def hang_up(times: int) -> None:  # read the stream's first line, then go, as Stop or a closed tab does
+            for _ in range(times):
+                with http.stream("POST", "/assistant", content=body, headers={"Content-Type": "application/json"}) as r:
+                    next(r.iter_raw())
+
+        hang_up(10)  # the allocator's pools fill once
+        before = status_of(http.process, "VmRSS") / 1024
+        hang_up(40)
+        time.sleep(1)  # the runs' cancellation ends; no wait for a full garbage collection (that came at 15 s)
+        grown = status_of(http.process, "VmRSS") / 1024 - before
+    print(f"40 hang-ups with 3 MB states: the server grew {grown:.0f} MB")
+    assert grown < 50, "the hang-ups' states were kept"
+
+
+def test_streams_that_end_leave_no_task_of_this_app_behind(
+    server: Server, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def leftovers() -> int:  # tasks that app.py started, done or not, that something still holds
+        tasks = [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task)]
+        return sum(task.get_coro().cr_code.co_filename == app.__file__ for task in tasks)  # type: ignore[union-attr]
+
+    gc.collect()
+    gc.disable()  # with the collector off, anything a cycle keeps stays where it can be counted
+    try:
+        before = leftovers()
+        for _ in range(30):
+            chat(client, None, user_says("hi"))
+        monkeypatch.setattr(app.config, "MOCK_DELAY", 0.05)
+        for _ in range(10):
+            with (
+                httpx.Client(base_url=server.url, timeout=10) as http,
+                http.stream("POST", "/assistant", json={"commands": [user_says("word " * 50)]}) as response,
+            ):
+                next(response.iter_raw())
+        assert wait_until(lambda: leftovers() == before, 2), f"{leftovers() - before} tasks outlived their streams"
+    finally:
+        gc.enable()
+
+
+PAUSE_TOOL = """
+class Pause(BaseModel):
+    \"\"\"Wait a while, then say so.\"\"\"
+
+    seconds: float
+
+
+def pause(arguments: Pause) -> str:
+    \"\"\"A sync tool that takes its time, as a slow query does.\"\"\"
+    import time
+
+    time.sleep(arguments.seconds)
+    return "done"
+
+
+SERVER_TOOLS["pause"] = (Pause, pause)
+"""
+
+
+def with_server_tools(source: str, tools: str) -> str:
+    """app.py with these server tools pasted below SERVER_TOOLS, as the README says."""
+    line = next(line for line in source.splitlines() if line.startswith("SERVER_TOOLS"))
+    return source.replace(f"{line}\n", f"{line}\n\n{tools}\n", 1)
+
+
+def pausing(seconds: float, calls: int = 1) -> Callable[[Json], Completion]:
+    """A model that answers each question with calls to the pause tool, and their results with a sentence."""
+    pauses = [(f"call_{n}", "pause", [json.dumps({"seconds": seconds})]) for n in range(calls)]
+    return lambda request: calls_tools(*pauses) if request["messages"][-1]["role"] == "user" else says("Slow.")
+
+
+def test_sync_tool_threads_stay_under_the_process_cap(
+    tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server]
+) -> None:
+    fake, running = fake_openai_server
+    (tmp_path / "app.py").write_text(with_server_tools((HERE / "app.py").read_text(), PAUSE_TOOL))
+    model = f"{running.url}/v1"
+    peak = [0]
+    try:
+        with app_process(
+            ["app.py"],
+            cwd=tmp_path,
+            TOOL_THREADS_TOTAL="6",
+            TOOL_TIMEOUT="0.5",
+            OPENAI_API_KEY="sk",
+            OPENAI_BASE_URL=model,
+        ) as http:
+            process = http.process
+
+            def many(count: int, hang_up: bool = False) -> list[Reply]:
+                replies: list[Reply] = []
+
+                def one() -> None:
+                    with httpx.Client(base_url=str(http.base_url), timeout=30) as own:
+                        if not hang_up:
+                            replies.append(chat(own, None, user_says("Take your time")))
+                            return
+                        with own.stream("POST", "/assistant", json={"commands": [user_says("Go slow")]}) as r:
+                            next(r.iter_raw())
+                            time.sleep(0.2)  # its tools have started
+
+                users = [threading.Thread(target=one) for _ in range(count)]
+                for user in users:
+                    user.start()
+                while any(user.is_alive() for user in users):
+                    peak[0] = max(peak[0], status_of(process, "Threads"))
+                    time.sleep(0.01)
+                return replies
+
+            fake.respond = lambda request: says("ok")
+            many(12)  # the same load without tools: the threads every server has under it
+            baseline = status_of(process, "Threads")
+            fake.respond = pausing(2, calls=8)  # 8 calls of 2 s each a request, 4 at once (TOOL_THREADS)
+            replies = many(12)
+            for _ in range(3):
+                many(4, hang_up=True)
+            assert peak[0] <= baseline + 6, f"{peak[0] - baseline} threads for 6 at most (TOOL_THREADS_TOTAL)"
+            late = "pause did not finish within TOOL_TIMEOUT (0.5 seconds)"
+            assert {message["content"] for reply in replies for message in reply.messages[2:-1]} == {late}
+            assert wait_until(lambda: status_of(process, "Threads") <= baseline, 5), "idle tool threads were kept"
+    finally:
+        fake.respond = None
+
+
+def test_ctrl_c_stops_the_server_at_once_while_a_sync_tool_still_runs(
+    tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server]
+) -> None:
+    fake, running = fake_openai_server
+    (tmp_path / "app.py").write_text(with_server_tools((HERE / "app.py").read_text(), PAUSE_TOOL))
+    fake.respond = pausing(60)
+    try:
+        with app_process(
+            ["app.py"], cwd=tmp_path, TOOL_TIMEOUT="0.5", OPENAI_API_KEY="sk-env", OPENAI_BASE_URL=f"{running.url}/v1"
+        ) as http:
+            process = http.process
+            reply = chat(http, None, user_says("Wait a minute"))
+            assert reply.messages[2]["content"] == "pause did not finish within TOOL_TIMEOUT (0.5 seconds)"
+            process.send_signal(signal.SIGINT)  # the tool sleeps on in its thread
+            started = time.monotonic()
+            process.wait(timeout=30)
+            stopped_in = time.monotonic() - started
+    finally:
+        fake.respond = None
+    print(f"Ctrl+C to exit: {stopped_in:.1f} s")
+    assert stopped_in < 5
+
+
+def test_a_websocket_upgrade_is_refused_without_an_error_in_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with app_process(["app.py"], log=log) as http:
+        port = http.base_url.port or 0
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                connection.sendall(
+                    b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                )
+                assert connection.recv(4096).startswith(b"HTTP/1.1 403 ")
+        time.sleep(0.2)
+    lines = [line for line in log.read_text().splitlines() if "/chat" in line or "rejected" in line]
+    assert len(lines) <= 20, "uvicorn's access line and its 'connection rejected', no more"
+    assert "ERROR" not in log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 # --- Inside an existing Django project, and the README's ORM tool -------------------------------
@@ -2226,7 +2571,14 @@ def test_a_long_history_never_stalls_other_streams(
 
 def run_ok(cwd: Path, *args: str) -> None:
     """Run python with these arguments in a folder, as a user would at a shell, and check it succeeded."""
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    run_ok_with(cwd, {}, *args)
+
+
+def run_ok_with(cwd: Path, env: dict[str, str], *args: str) -> None:
+    """run_ok, with these variables in the environment."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -2238,9 +2590,8 @@ def readme_code(first_line: str) -> str:
 
 
 def with_the_readme_orm_tool(source: str) -> str:
-    """app.py with the README's ORM tool pasted into its Server tools section, below SERVER_TOOLS."""
-    tool = readme_code("class UserLookup(BaseModel):")
-    return source.replace("\n\ndef run_sync_tool(", f"\n\n{tool}\n\n\ndef run_sync_tool(")
+    """app.py with the README's ORM tool pasted below SERVER_TOOLS."""
+    return with_server_tools(source, readme_code("class UserLookup(BaseModel):"))
 
 
 def asks_when_ada_joined(http: httpx.Client, fake: FakeOpenAI) -> Reply:
@@ -2254,42 +2605,142 @@ def asks_when_ada_joined(http: httpx.Client, fake: FakeOpenAI) -> Reply:
 
 
 ADD_ADA = "from django.contrib.auth.models import User; User.objects.create_user('ada')"
+ADMIN_PASSWORD = "a-long-Admin-password-7"
+ADD_ADMIN = (
+    f"from django.contrib.auth.models import User; User.objects.create_superuser('admin', password='{ADMIN_PASSWORD}')"
+)
+HOST_VIEWS = """
+import time
+
+from django.http import HttpResponse
+
+
+def slow(request):  # a page of the project's that takes its time, as Django runs a sync view: in a thread
+    time.sleep(3)
+    return HttpResponse("slept")
+
+
+urlpatterns += [path("ping/", lambda request: HttpResponse("pong")), path("slow/", slow), path("chat/", include("app"))]
+"""
+HOST_SERVER = ["-m", "uvicorn", "mysite.asgi:application", "--port", "{port}"]
+
+
+@pytest.fixture(scope="session")
+def host_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A startproject site with app.py included as the README says (and under chat/ too), the README's ORM
+    tool, two users (ada, and an admin), and pages of its own; served with its own asgi.py."""
+    site = tmp_path_factory.mktemp("site")
+    run_ok(site, "-m", "django", "startproject", "mysite", ".")
+    (site / "app.py").write_text(with_the_readme_orm_tool((HERE / "app.py").read_text()))
+    urls = site / "mysite" / "urls.py"
+    urls.write_text(urls.read_text() + readme_code("# urls.py, at the end") + HOST_VIEWS)
+    run_ok(site, "manage.py", "migrate")
+    run_ok(site, "manage.py", "shell", "-c", f"{ADD_ADA}; {ADD_ADMIN}")
+    return site
+
+
+@pytest.fixture(scope="session")
+def host(host_site: Path, fake_openai_server: tuple[FakeOpenAI, Server]) -> Iterator[AppClient]:
+    """The site, served by uvicorn, with the fake model for app.py's agent."""
+    with app_process(
+        HOST_SERVER, cwd=host_site, OPENAI_API_KEY="sk-env", OPENAI_BASE_URL=f"{fake_openai_server[1].url}/v1"
+    ) as http:
+        yield http
+
+
+def access_control(response: httpx.Response) -> list[str]:
+    return [name for name in response.headers if name.lower().startswith("access-control-")]
 
 
 @pytest.mark.parametrize("prefix", ["", "chat/"], ids=["at-the-root", "under-a-prefix"])
 def test_one_include_serves_the_endpoint_inside_an_existing_project(
-    tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server], prefix: str
+    host: AppClient, fake_openai_server: tuple[FakeOpenAI, Server], prefix: str
 ) -> None:
-    fake, running = fake_openai_server
-    run_ok(tmp_path, "-m", "django", "startproject", "mysite", ".")
-    (tmp_path / "app.py").write_text(with_the_readme_orm_tool((HERE / "app.py").read_text()))
-    # The README's lines, as it prints them: the middleware, the include (here before the project's own
-    # URLs, and a view of its own after them: all must still answer), and the shared sync worker.
-    settings_lines, urls_lines = readme_code("# settings.py, at the end").split("\n\n", 1)
-    project = tmp_path / "mysite"
-    (project / "settings.py").write_text((project / "settings.py").read_text() + settings_lines + "\n")
-    urls_lines = urls_lines.replace('path("", include("app"))', f'path("{prefix}", include("app"))')
-    ping = 'from django.http import HttpResponse\n\nurlpatterns.append(path("ping/", lambda r: HttpResponse("pong")))\n'
-    (project / "urls.py").write_text((project / "urls.py").read_text() + urls_lines + ping)
-    asgi = (project / "asgi.py").read_text()
-    (project / "asgi.py").write_text(
-        asgi.replace("application = get_asgi_application()", readme_code("from app import"))
-    )
-    run_ok(tmp_path, "manage.py", "migrate")
-    run_ok(tmp_path, "manage.py", "shell", "-c", ADD_ADA)
-    with app_process(
-        ["-m", "uvicorn", "mysite.asgi:application", "--port", "{port}"],
-        cwd=tmp_path,
-        prefix=prefix,
-        OPENAI_API_KEY="sk-env",
-        OPENAI_BASE_URL=f"{running.url}/v1",
-    ) as http:
-        asks_when_ada_joined(http, fake)
+    with httpx.Client(base_url=f"{host.base_url}{prefix}", timeout=10) as http:
+        asks_when_ada_joined(http, fake_openai_server[0])
         answer = preflight(http, FRONTEND)
         assert (answer.status_code, answer.headers["access-control-allow-origin"]) == (204, FRONTEND)
-        root = http.base_url.copy_with(path="/")
-        assert http.get(root.join("ping/")).text == "pong"
-        assert http.get(root.join("admin/login/")).status_code == 200
+        refused = http.get("/assistant", headers={"Origin": FRONTEND})  # app.py's errors keep their CORS headers
+        assert (refused.status_code, refused.headers["access-control-allow-origin"]) == (405, FRONTEND)
+        assert http.get(host.base_url.join("ping/")).text == "pong"
+
+
+@pytest.mark.parametrize("origins", [None, "*"], ids=["default-origins", "any-origin"])
+def test_the_projects_own_pages_never_answer_the_frontends_origin(
+    host_site: Path, host: AppClient, origins: str | None
+) -> None:
+    with contextlib.ExitStack() as stack:
+        site = (
+            host
+            if origins is None
+            else stack.enter_context(app_process(HOST_SERVER, cwd=host_site, CORS_ORIGINS=origins))
+        )
+        browser = stack.enter_context(httpx.Client(base_url=str(site.base_url), timeout=10))
+        browser.get("/admin/login/")  # an admin logs in, as in a browser: the session cookie goes with every request
+        login = {"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": browser.cookies["csrftoken"]}
+        assert browser.post("/admin/login/?next=/admin/", data=login).status_code == 302
+        for page in ["/admin/", "/admin/auth/user/", "/ping/"]:
+            response = browser.get(page, headers={"Origin": FRONTEND})
+            assert response.status_code == 200
+            assert access_control(response) == [], f"{page} would let the frontend's origin read it"
+        asked = browser.options(
+            "/admin/auth/user/add/",
+            headers={
+                "Origin": FRONTEND,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x",
+            },
+        )
+        assert access_control(asked) == [], "app.py answered a preflight for a page of the project"
+        assert access_control(browser.get("/health", headers={"Origin": FRONTEND})) != [], "its own keep them"
+
+
+def test_a_slow_page_of_the_project_holds_up_nothing_else(host: AppClient) -> None:
+    slow = threading.Thread(target=lambda: httpx.get(f"{host.base_url}slow/", timeout=10))
+    slow.start()
+    time.sleep(0.5)  # the page's view is asleep in its thread
+
+    def took(request: Callable[[], object]) -> float:
+        started = time.monotonic()
+        request()
+        return time.monotonic() - started
+
+    waits = {
+        "/health": took(lambda: host.get("/health")),
+        "/assistant": took(lambda: chat(host, None, user_says("hi"))),
+        "/ping/": took(lambda: host.get("/ping/")),
+    }
+    slow.join()
+    print(
+        "while a page of the project sleeps 3 s: " + ", ".join(f"{path} {s * 1000:.0f} ms" for path, s in waits.items())
+    )
+    assert max(waits.values()) < 0.5, "a request waited for another's sync work"
+
+
+def test_app_py_reads_only_its_own_settings_inside_a_project(host_site: Path) -> None:
+    projects = {"PORT": "$PORT", "LOG_LEVEL": "warn", "ALLOWED_HOSTS": ",,,", "HOST": "not a host"}  # e.g. Heroku's
+    run_ok_with(host_site, projects, "manage.py", "check")
+    with app_process(HOST_SERVER, cwd=host_site, PORT="$PORT", LOG_LEVEL="warn", ALLOWED_HOSTS=",,,") as http:
+        assert http.get("/health").json()["status"] == "healthy"
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=host_site,
+        env={**os.environ, "OPENAI_TIMEOUT": "30s"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "app.py: invalid setting OPENAI_TIMEOUT: Input should be a valid number, unable to parse string as a number."
+    )
+
+
+@pytest.mark.parametrize("value", ["nowhere.settings", "", "mysite.settings"], ids=["missing", "empty", "the-sites"])
+def test_python_app_py_serves_itself_whatever_django_settings_module_says(host_site: Path, value: str) -> None:
+    with app_process(["app.py"], cwd=host_site, DJANGO_SETTINGS_MODULE=value) as http:
+        assert http.get("/health").json()["agent"] == "mock"
+        assert http.get("/admin/").json()["error"].startswith("No endpoint at /admin/"), "not the site's admin"
 
 
 def test_the_readme_orm_tool_reads_the_database_standalone(
