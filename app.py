@@ -582,8 +582,8 @@ async def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel)
     def work() -> None:
         try:
             outcome = partial(answer.set_result, storable(function(arguments), config.TOOL_RESULT_LIMIT))
-        except BaseException as error:  # whatever the tool raised, the caller makes an error result of it
-            outcome = partial(answer.set_exception, error)
+        except BaseException as error:  # an error result; no traceback, whose frames would hold the result
+            outcome = partial(answer.set_exception, error.with_traceback(None))
         finally:
             close_old_connections()
         loop.call_soon_threadsafe(finish, outcome)
