@@ -26,7 +26,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, available_timezones
@@ -39,7 +38,7 @@ from django.core.asgi import get_asgi_application
 from django.core.exceptions import DisallowedHost
 from django.core.management import execute_from_command_line
 from django.core.management.commands.runserver import naiveip_re
-from django.db import close_old_connections
+from django.db import close_old_connections, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.urls import path
 from django.utils.cache import patch_vary_headers
@@ -68,7 +67,6 @@ class Config(BaseModel):
     PORT: int = Field(8002, gt=0, lt=65536)
     ALLOWED_HOSTS: Annotated[CommaList, Field(min_length=1)] = ["localhost", "127.0.0.1", "[::1]"]
     CORS_ORIGINS: CommaList = ["http://localhost:3000"]
-    LOG_LEVEL: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(str.upper)] = "INFO"
     OPENAI_API_KEY: str = Field("", pattern="^[!-~]*$")  # printable ASCII: it goes into an HTTP header
     OPENAI_MODEL: str = "gpt-4o-mini"
     OPENAI_BASE_URL: str = ""
@@ -85,11 +83,9 @@ class Config(BaseModel):
     TOOL_RESULT_LIMIT: int = Field(100_000, gt=0)  # bytes of a tool result's JSON
 
 
-if __name__ == "__main__":  # python app.py serves this file, whatever DJANGO_SETTINGS_MODULE the shell exports
-    os.environ.pop("DJANGO_SETTINGS_MODULE", None)
-# Served by itself, the file configures Django; imported by a project with settings of its own, nothing.
-STANDALONE = not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE")
-SERVING = ("HOST", "PORT", "LOG_LEVEL", "ALLOWED_HOSTS")  # inside a project these are the project's: not read
+# Served by itself, whatever DJANGO_SETTINGS_MODULE says, it configures Django; included by a project: nothing.
+STANDALONE = not settings.configured
+SERVING = ("HOST", "PORT", "ALLOWED_HOSTS")  # inside a project these are the project's: not read
 # The environment wins over the .env file beside this one, which is read, not copied into os.environ.
 environment = {**dotenv_values(Path(__file__).with_name(".env")), **os.environ}
 read = [name for name in Config.model_fields if STANDALONE or name not in SERVING]
@@ -105,7 +101,7 @@ if config.OPENAI_API_KEY and openai is None:
     raise SystemExit("app.py: OPENAI_API_KEY is set, but the openai package is not: pip install 'openai[aiohttp]'")
 
 if STANDALONE:
-    logging.basicConfig(level=config.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # No built-in middleware: each is sync-first, and takes a thread for every request.
     settings.configure(
         ROOT_URLCONF=__name__, ALLOWED_HOSTS=config.ALLOWED_HOSTS, MIDDLEWARE=[f"{__name__}.cors_middleware"]
@@ -216,6 +212,8 @@ CORS_METHODS = ("GET", "POST", "OPTIONS")
 @async_only_middleware
 def cors_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
     """Check the Host, answer preflights, and put CORS headers on every answer, errors too."""
+    if not STANDALONE and get_response not in (assistant, health):  # an older README put it in MIDDLEWARE
+        raise SystemExit("app.py: take app.cors_middleware out of MIDDLEWARE; include('app') is all it needs")
 
     async def middleware(request: HttpRequest) -> HttpResponseBase:
         origin, origins = request.META.get("HTTP_ORIGIN"), config.CORS_ORIGINS
@@ -256,7 +254,7 @@ def tool_message(call: Message, result: JsonValue, failed: bool) -> Message:
     return message | {"content": result, "status": "error" if failed else "success"}
 
 
-class UnknownToolCallError(Exception):
+class UnknownToolCallError(LookupError):
     """An add-tool-result names a call that no ai message in the state holds: the request gets a 400."""
 
 
@@ -304,7 +302,7 @@ def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
                 for part in command.message.parts
             ]
             new_id = command.message.id
-            if new_id is None or ("message", new_id) in at:
+            if not new_id or ("message", new_id) in at:
                 new_id = uuid.uuid4().hex
             append({"id": new_id, "type": "human", "content": content})
         elif isinstance(command, AddToolResult):
@@ -444,7 +442,7 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
     if re.search(r"\btime\b", said, re.IGNORECASE):  # the zone named after the place, as Asia/Tokyo is; else the place
         zone = next((zone for zone in TIME_ZONES if zone.endswith(f"/{place}".replace(" ", "_"))), place or "UTC")
         asks.append(("get_current_time", {"timezone": zone}))
-    reply = f'You said: "{said[:MOCK_QUOTE]}".' + (" Let me check." if asks else "")
+    reply = f'You said: "{said[:MOCK_QUOTE]}".'
     reply = f"{last['name']} answered: {as_text(last['content'])[:MOCK_QUOTE]}" if last["type"] == "tool" else reply
     thought = f"I should ask {' and '.join(name for name, _ in asks)}, then answer." if asks else ""
     deltas: list[Chunk] = [{"reasoning_content": word} for word in re.findall(r"\s*\S+", thought)]
@@ -547,7 +545,7 @@ def describe(error: Exception) -> str:
         text = f"The model request failed: {error}" + (f" ({cause})" if cause else "")
     if config.OPENAI_API_KEY:  # a model server or a proxy may quote the Authorization header it was sent
         text = text.replace(config.OPENAI_API_KEY, "[OPENAI_API_KEY]")
-    return text[:ERROR_LIMIT]
+    return text[:ERROR_LIMIT].encode(errors="replace").decode()  # a lone surrogate as "?": JSON refuses them
 
 
 run_agent = openai_agent if model_client else mock_agent  # the agent every run uses
@@ -574,28 +572,29 @@ TOOL_SLOTS = asyncio.Semaphore(config.TOOL_THREADS_TOTAL)
 
 
 async def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> JsonValue:
-    """Call a sync tool in a daemon thread (Ctrl+C never waits for it), make its result JSON and close its
-    database connection there, as Django does after a request."""
+    """Call a sync tool, make its result JSON and close its database connection, in a daemon thread (not waited for)."""
     loop = asyncio.get_running_loop()
-    answer: asyncio.Future[JsonValue] = loop.create_future()
+    answer: asyncio.Future[JsonValue | BaseException] = loop.create_future()
 
     def work() -> None:
         try:
-            outcome = partial(answer.set_result, storable(function(arguments), config.TOOL_RESULT_LIMIT))
-        except BaseException as error:  # an error result; no traceback, whose frames would hold the result
-            outcome = partial(answer.set_exception, error.with_traceback(None))
+            outcome: JsonValue | BaseException = storable(function(arguments), config.TOOL_RESULT_LIMIT)
+        except BaseException as error:  # raised below; no traceback, whose frames would hold the result
+            outcome = error.with_traceback(None)
         finally:
             close_old_connections()
         loop.call_soon_threadsafe(finish, outcome)
 
-    def finish(outcome: Callable[[], None]) -> None:  # back on the event loop: the thread is done
+    def finish(outcome: JsonValue | BaseException) -> None:  # back on the event loop: the thread is done
         TOOL_SLOTS.release()
         if not answer.done():  # unless its caller gave up on it
-            outcome()
+            answer.set_result(outcome)
 
     await TOOL_SLOTS.acquire()
     threading.Thread(target=work, name="server-tool", daemon=True).start()
-    return await answer
+    if isinstance(outcome := await answer, BaseException):
+        raise outcome
+    return outcome
 
 
 async def run_server_tool(call: Message, request_threads: asyncio.Semaphore) -> tuple[JsonValue, bool]:
@@ -605,19 +604,19 @@ async def run_server_tool(call: Message, request_threads: asyncio.Semaphore) -> 
         arguments = arguments_model.model_validate(call["args"])
         if inspect.iscoroutinefunction(function):
             return storable(await function(arguments), config.TOOL_RESULT_LIMIT), False
-        async with request_threads:
+        async with request_threads:  # a call left behind at TOOL_TIMEOUT counts no more here, only in TOOL_SLOTS
             return await run_sync_tool(function, arguments), False
     except BaseException as error:  # SystemExit (argparse) and KeyboardInterrupt too: they must not end the server
         # A CancelledError is the tool's error, unless it cancels this task (left behind, or the client gone).
         if (task := asyncio.current_task()) and task.cancelling():
             raise
-        return f"{call['name']} failed: {type(error).__name__}: {error}", True
+        failure = f"{call['name']} failed: {type(error).__name__}: {error}"
+        return failure.encode(errors="replace").decode(), True  # a lone surrogate (a path, say) as "?", as above
 
 
-async def run_server_tools(controller: RunController, allowance: int) -> int:
+async def run_server_tools(controller: RunController, allowance: int, request_threads: asyncio.Semaphore) -> int:
     """Run the server tools the last reply calls, side by side, answer each with a tool message; return their size."""
     calls = [call for call in controller.state["messages"][-1]["tool_calls"] if call["name"] in SERVER_TOOLS]
-    request_threads = asyncio.Semaphore(config.TOOL_THREADS)  # this request's sync calls at once
     # Each a task of its own: one past TOOL_TIMEOUT is left behind even if it ignores cancellation.
     running = [asyncio.create_task(run_server_tool(call, request_threads)) for call in calls]
     try:
@@ -689,7 +688,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         return json_error(400, message, problems[:20])
     except ValueError as error:  # not JSON, not UTF-8, NaN, nested too deep
         return json_error(400, "Body is not a JSON object", str(error))
-    except UnknownToolCallError as error:
+    except LookupError as error:  # UnknownToolCallError, or a call the client wrote without a name
         return json_error(400, "add-tool-result for a tool call that is not in the state", list(error.args))
 
     async def run(controller: RunController) -> None:
@@ -701,6 +700,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         else:  # an edit cut the thread the client sent
             controller.state["messages"] = thread
         written = 0
+        request_threads = asyncio.Semaphore(config.TOOL_THREADS)  # its sync tool calls at once, over all steps
         try:
             for step in range(config.MAX_MODEL_STEPS + 1):
                 if thread == sent or not reply_awaited(messages := list(controller.state["messages"])):
@@ -708,7 +708,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
                 if step == config.MAX_MODEL_STEPS:
                     raise ModelError(f"The model still called tools after {step} steps (MAX_MODEL_STEPS)")
                 written += await write_reply(controller, run_agent(messages, body), REPLY_LIMIT - written)
-                written += await run_server_tools(controller, REPLY_LIMIT - written)
+                written += await run_server_tools(controller, REPLY_LIMIT - written, request_threads)
         except Exception as error:  # an error frame, and a stream that still ends cleanly with the conversation
             logger.exception("Run failed")
             message, now = describe(error), list(controller.state["messages"])
@@ -741,9 +741,8 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
 
 # --- URLs and the ASGI application -----------------------------------------------------------------
 def own(view: Callable[..., Any]) -> Callable[..., Any]:
-    """A view of this file's: inside a project only these pass the CORS middleware, never the project's pages,
-    and are csrf_exempt (a JSON API called cross-origin without cookies, which CORS guards, not a CSRF token)."""
-    return view if STANDALONE else csrf_exempt(cors_middleware(view))
+    """Inside a project only this file's views pass its CORS, and skip CSRF (CORS guards a cookieless JSON API)."""
+    return view if STANDALONE else transaction.non_atomic_requests(csrf_exempt(cors_middleware(view)))
 
 
 urlpatterns = [path("assistant", own(assistant)), path("health", own(health))]
@@ -789,7 +788,7 @@ def main() -> None:
     # uvicorn's own command line, run in place of this process: its reloader imports the file by name.
     here, host = Path(__file__).resolve(), (address["addr"] or config.HOST).strip("[]")
     uvicorn_command = ["uvicorn", f"{here.stem}:application", f"--app-dir={here.parent}", f"--host={host}"]
-    uvicorn_command += [f"--port={address['port']}", f"--log-level={config.LOG_LEVEL.lower()}"]
+    uvicorn_command += [f"--port={address['port']}"]
     if command == ["runserver"] and not options.noreload:
         uvicorn_command += ["--reload", f"--reload-dir={here.parent}", "--reload-exclude=*.py"]
         uvicorn_command += [f"--reload-include={here.name}", "--reload-include=.env"]

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +36,6 @@ SETTINGS = [
     "PORT",
     "ALLOWED_HOSTS",
     "CORS_ORIGINS",
-    "LOG_LEVEL",
     "MOCK_DELAY",
     "STREAM_PROTOCOL",
     "HEARTBEAT_SECONDS",
@@ -446,7 +446,7 @@ def test_request_fields_the_backend_does_not_read_are_accepted(client: httpx.Cli
 def test_the_examples_weather_suggestion_calls_get_weather(client: httpx.Client, protocol: str) -> None:
     reply = chat(client, None, user_says("What's the weather like in San Francisco today?"), protocol=protocol)
     ai = reply.messages[-1]
-    assert ai["content"].endswith("Let me check.")
+    assert text(ai) == 'You said: "What\'s the weather like in San Francisco today?".'
     (call,) = ai["tool_calls"]
     assert call["name"] == "get_weather"
     assert call["id"].startswith("call_")
@@ -787,9 +787,16 @@ def test_schema_errors_name_each_problem(client: httpx.Client) -> None:
     ]
 
 
-@pytest.mark.parametrize("forged", [7, ["call_1"], None], ids=["a number", "a list", "no id"])
-def test_a_tool_call_id_no_server_wrote_costs_that_request_only(client: httpx.Client, forged: Json) -> None:
-    call = {"name": "get_weather", "args": {}} | ({} if forged is None else {"id": forged})
+FORGED_CALLS = {
+    "a number": {"id": 7, "name": "get_weather"},
+    "a list": {"id": ["call_1"], "name": "get_weather"},
+    "no id": {"name": "get_weather"},
+    "no name": {"id": "call_1"},
+}
+
+
+@pytest.mark.parametrize("call", FORGED_CALLS.values(), ids=FORGED_CALLS.keys())
+def test_a_tool_call_no_server_wrote_costs_that_request_only(client: httpx.Client, call: Json) -> None:
     state = {"messages": [{"id": "a1", "type": "ai", "content": "", "tool_calls": [call]}]}
     result = client.post("/assistant", json={"commands": [tool_result("call_1", {"temperature": 21})], "state": state})
     assert result.status_code == 400
@@ -1803,6 +1810,10 @@ def tools(monkeypatch: pytest.MonkeyPatch) -> ToolLog:
             argparse.ArgumentParser().parse_args(["--zone", "Atlantis"])  # exits, as argparse does on bad input
         if arguments.number == 2:
             raise KeyboardInterrupt
+        if arguments.number == 7:
+            return next(iter([]))  # StopIteration, which asyncio will not carry in a future
+        if arguments.number == 8:
+            raise FileNotFoundError("/srv/caf\udce9.txt")  # a path decoded with surrogateescape
         return {3: "x" * 1_000_000, 4: nested(190), 5: "half an emoji: \ud83d", 6: Receipt(order=6)}[arguments.number]
 
     async def odd_async_order(arguments: OrderNumber) -> Json:
@@ -2013,8 +2024,11 @@ def test_a_server_tool_past_its_time_gives_an_error_result(
     [
         ("odd_order", 1, "SystemExit: 2"),
         ("odd_order", 2, "KeyboardInterrupt: "),
+        ("odd_order", 7, "RuntimeError: coroutine raised StopIteration"),
+        ("odd_order", 8, "FileNotFoundError: /srv/caf?.txt"),
         ("odd_async_order", 1, "CancelledError: "),
     ],
+    ids=["system-exit", "keyboard-interrupt", "stop-iteration", "a-lone-surrogate", "cancelled-error"],
 )
 def test_whatever_a_tool_raises_is_an_error_result_and_the_server_lives_on(
     client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog, name: str, number: int, raised: str
@@ -2025,6 +2039,7 @@ def test_whatever_a_tool_raises_is_an_error_result_and_the_server_lives_on(
     assert reply.messages[2]["content"] == f"{name} failed: {raised}"
     assert reply.messages[-1]["content"] == "That went wrong.", "the run went on to the model's answer"
     assert client.get("/health").status_code == 200
+    goes_on(client, fake_openai, reply.state)
 
 
 def test_an_async_tool_that_ignores_its_cancellation_is_left_behind(
@@ -2322,6 +2337,15 @@ def test_arguments_nested_too_deep_for_the_next_request_are_refused(
     (error,) = failed.errors
     assert error.startswith("The model request failed: The arguments for render_map are not a JSON object we can keep")
     assert calls(failed.state)[0]["args"] == {}
+    goes_on(client, fake_openai, failed.state)
+
+
+def test_a_lone_surrogate_in_a_model_servers_error_never_bricks_the_thread(
+    client: httpx.Client, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script = [fails(400, "bad \ud800 input")]  # the SDK's JSON parser keeps it; the request's refuses it
+    failed = send(client, {"commands": [user_says("hi")], "state": None})
+    assert failed.errors == ["The model server answered 400: bad ? input"]
     goes_on(client, fake_openai, failed.state)
 
 
@@ -2635,6 +2659,8 @@ def host_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (site / "app.py").write_text(with_the_readme_orm_tool((HERE / "app.py").read_text()))
     urls = site / "mysite" / "urls.py"
     urls.write_text(urls.read_text() + readme_code("# urls.py, at the end") + HOST_VIEWS)
+    settings_ = site / "mysite" / "settings.py"  # every view in a transaction, as many projects have it
+    settings_.write_text(settings_.read_text() + '\nDATABASES["default"]["ATOMIC_REQUESTS"] = True\n')
     run_ok(site, "manage.py", "migrate")
     run_ok(site, "manage.py", "shell", "-c", f"{ADD_ADA}; {ADD_ADMIN}")
     return site
@@ -2719,9 +2745,9 @@ def test_a_slow_page_of_the_project_holds_up_nothing_else(host: AppClient) -> No
 
 
 def test_app_py_reads_only_its_own_settings_inside_a_project(host_site: Path) -> None:
-    projects = {"PORT": "$PORT", "LOG_LEVEL": "warn", "ALLOWED_HOSTS": ",,,", "HOST": "not a host"}  # e.g. Heroku's
+    projects = {"PORT": "$PORT", "ALLOWED_HOSTS": ",,,", "HOST": "not a host"}  # e.g. Heroku's PORT
     run_ok_with(host_site, projects, "manage.py", "check")
-    with app_process(HOST_SERVER, cwd=host_site, PORT="$PORT", LOG_LEVEL="warn", ALLOWED_HOSTS=",,,") as http:
+    with app_process(HOST_SERVER, cwd=host_site, PORT="$PORT", ALLOWED_HOSTS=",,,", HOST="not a host") as http:
         assert http.get("/health").json()["status"] == "healthy"
     result = subprocess.run(
         [sys.executable, "manage.py", "check"],
@@ -2737,9 +2763,29 @@ def test_app_py_reads_only_its_own_settings_inside_a_project(host_site: Path) ->
     )
 
 
+def test_app_pys_middleware_left_in_a_projects_settings_stops_it_with_one_line(tmp_path: Path, host_site: Path) -> None:
+    shutil.copytree(host_site, tmp_path / "site")
+    settings_ = (
+        tmp_path / "site" / "mysite" / "settings.py"
+    )  # as the README of 0.3.0 said, which let CORS in everywhere
+    settings_.write_text(settings_.read_text() + 'MIDDLEWARE = ["app.cors_middleware", *MIDDLEWARE]\n')
+    result = subprocess.run(
+        [sys.executable, "-c", "from mysite.asgi import application"],
+        cwd=tmp_path / "site",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip() == "app.py: take app.cors_middleware out of MIDDLEWARE; include('app') is all it needs"
+
+
 @pytest.mark.parametrize("value", ["nowhere.settings", "", "mysite.settings"], ids=["missing", "empty", "the-sites"])
-def test_python_app_py_serves_itself_whatever_django_settings_module_says(host_site: Path, value: str) -> None:
-    with app_process(["app.py"], cwd=host_site, DJANGO_SETTINGS_MODULE=value) as http:
+@pytest.mark.parametrize("command", [["app.py"], ["-m", "uvicorn", "app:application", "--port", "{port}"]])
+def test_app_py_serves_itself_whatever_django_settings_module_says(
+    host_site: Path, value: str, command: list[str]
+) -> None:
+    with app_process(command, cwd=host_site, DJANGO_SETTINGS_MODULE=value) as http:
         assert http.get("/health").json()["agent"] == "mock"
         assert http.get("/admin/").json()["error"].startswith("No endpoint at /admin/"), "not the site's admin"
 
