@@ -23,8 +23,9 @@ import re
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -83,12 +84,10 @@ class Config(BaseModel):
     TOOL_RESULT_LIMIT: int = Field(100_000, gt=0)  # bytes of a tool result's JSON
 
 
-# Served by itself, whatever DJANGO_SETTINGS_MODULE says, it configures Django; included by a project: nothing.
-STANDALONE = not settings.configured
-SERVING = ("HOST", "PORT", "ALLOWED_HOSTS")  # inside a project these are the project's: not read
-# The environment wins over the .env file beside this one, which is read, not copied into os.environ.
+STANDALONE = not settings.configured  # app.py serves itself; included by a project, it configures nothing
+# The environment wins over the .env beside this file (read, not copied); a project's serving settings are its own.
 environment = {**dotenv_values(Path(__file__).with_name(".env")), **os.environ}
-read = [name for name in Config.model_fields if STANDALONE or name not in SERVING]
+read = [name for name in Config.model_fields if STANDALONE or name not in ("HOST", "PORT", "ALLOWED_HOSTS")]
 values = {name: (environment.get(name) or "").strip() for name in read}
 try:  # an empty value means the default
     config = Config.model_validate({name: value for name, value in values.items() if value})
@@ -102,8 +101,7 @@ if config.OPENAI_API_KEY and openai is None:
 
 if STANDALONE:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # No built-in middleware: each is sync-first, and takes a thread for every request.
-    settings.configure(
+    settings.configure(  # no built-in middleware: each is sync-first, and takes a thread for every request
         ROOT_URLCONF=__name__, ALLOWED_HOSTS=config.ALLOWED_HOSTS, MIDDLEWARE=[f"{__name__}.cors_middleware"]
     )
     gc.freeze()  # the imported modules live as long as the process: frozen, the collector stops walking them
@@ -171,7 +169,7 @@ class StateMessage(BaseModel):
     type: str
     id: str | None = None
     content: JsonValue  # text or content blocks; a tool message's result, as the frontend sent it
-    tool_calls: list[dict[str, JsonValue]] = Field([], max_length=MAX_ITEMS)
+    tool_calls: list[dict[str, JsonValue]] = []
     tool_call_id: str | None = None
 
 
@@ -254,10 +252,6 @@ def tool_message(call: Message, result: JsonValue, failed: bool) -> Message:
     return message | {"content": result, "status": "error" if failed else "success"}
 
 
-class UnknownToolCallError(LookupError):
-    """An add-tool-result names a call that no ai message in the state holds: the request gets a 400."""
-
-
 def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
     """The thread after every command, in order; the messages the client sent are not changed."""
     thread: list[Message] = []
@@ -310,7 +304,7 @@ def apply_commands(sent: list[Message], commands: list[Any]) -> list[Message]:
             calls = [] if holder is None else thread[holder].get("tool_calls", [])
             call = next((call for call in calls if call.get("id") == command.toolCallId), None)
             if call is None:
-                raise UnknownToolCallError(command.toolCallId)
+                raise LookupError(command.toolCallId)  # the view answers 400: a call no ai message in the state holds
             message = tool_message(call, command.result, command.isError)
             message |= command.model_dump(include={"artifact", "modelContent"}, exclude_none=True, by_alias=True)
             if (answered := at.get(("answer", command.toolCallId))) is None:
@@ -354,8 +348,7 @@ async def write_reply(controller: RunController, chunks: AsyncIterator[Chunk], a
     ai = len(messages) - 1  # the new message's place: every write goes through it
     written = 0
     stopped = None  # the model's finish_reason, once it gives one
-    # The call each piece belongs to: the model's index -> (its id, the call's place). Only pieces: model servers
-    # reuse ids (call_0 every turn) and indexes (parallel calls all at 0), so the ids in the state are ours.
+    # The model's index -> (its id, the call's place), which only pair pieces: servers reuse ids and indexes.
     calls: dict[object, tuple[object, int]] = {}
 
     def append(path: list[str | int], text: str) -> None:
@@ -433,7 +426,7 @@ MOCK_QUOTE = 500  # characters of the user's text (or a tool result) the mock re
 
 
 async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncIterator[Chunk]:
-    """A scripted model: echo the user; asked the weather or the time, think, call the tool, then use its result."""
+    """A scripted model: echo the user; asked the weather or the time, call the tool, then use its result."""
     last, asks = thread[-1], []  # asks: the tools that know the answer, with their arguments
     said = "" if last["type"] == "tool" else text_of(last["content"])
     place = match.group(1) if (match := PLACE.search(said)) else None
@@ -444,9 +437,7 @@ async def mock_agent(thread: list[Message], request: AssistantRequest) -> AsyncI
         asks.append(("get_current_time", {"timezone": zone}))
     reply = f'You said: "{said[:MOCK_QUOTE]}".'
     reply = f"{last['name']} answered: {as_text(last['content'])[:MOCK_QUOTE]}" if last["type"] == "tool" else reply
-    thought = f"I should ask {' and '.join(name for name, _ in asks)}, then answer." if asks else ""
-    deltas: list[Chunk] = [{"reasoning_content": word} for word in re.findall(r"\s*\S+", thought)]
-    deltas += [{"content": word} for word in re.findall(r"\s*\S+", reply)]
+    deltas: list[Chunk] = [{"content": word} for word in re.findall(r"\s*\S+", reply)]
     for index, (name, arguments) in enumerate(asks):
         pieces = [{"name": name}, *({"arguments": piece} for piece in re.findall(r"\s*\S+", json.dumps(arguments)))]
         deltas += [{"tool_calls": [{"index": index, "function": piece}]} for piece in pieces]
@@ -567,8 +558,7 @@ def get_current_time(arguments: CurrentTime) -> dict[str, str]:
 
 # Each tool: the model of its arguments (its docstring is what the model reads) and a sync or async function.
 SERVER_TOOLS: dict[str, tuple[type[BaseModel], Any]] = {"get_current_time": (CurrentTime, get_current_time)}
-# Sync tool calls at once in the process: one left behind at TOOL_TIMEOUT keeps its thread until it returns.
-TOOL_SLOTS = asyncio.Semaphore(config.TOOL_THREADS_TOTAL)
+TOOL_SLOTS = asyncio.Semaphore(config.TOOL_THREADS_TOTAL)  # a call left behind keeps its place till it returns
 
 
 async def run_sync_tool(function: Callable[[Any], object], arguments: BaseModel) -> JsonValue:
@@ -607,8 +597,7 @@ async def run_server_tool(call: Message, request_threads: asyncio.Semaphore) -> 
         async with request_threads:  # a call left behind at TOOL_TIMEOUT counts no more here, only in TOOL_SLOTS
             return await run_sync_tool(function, arguments), False
     except BaseException as error:  # SystemExit (argparse) and KeyboardInterrupt too: they must not end the server
-        # A CancelledError is the tool's error, unless it cancels this task (left behind, or the client gone).
-        if (task := asyncio.current_task()) and task.cancelling():
+        if (task := asyncio.current_task()) and task.cancelling():  # not the tool's: left behind, or the client gone
             raise
         failure = f"{call['name']} failed: {type(error).__name__}: {error}"
         return failure.encode(errors="replace").decode(), True  # a lone surrogate (a path, say) as "?", as above
@@ -642,7 +631,7 @@ def frontend_tools(request: AssistantRequest) -> dict[str, dict[str, JsonValue]]
 
 
 # --- The endpoint: parse the body, apply its commands, run the agent, stream the state -------------
-async def with_keepalives(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+async def with_keepalives(stream: AsyncIterator[str]) -> AsyncGenerator[str]:
     """The stream, and a keep-alive line every HEARTBEAT_SECONDS while it lasts, busy or idle alike."""
     lines = asyncio.Queue[str | None]()
 
@@ -658,8 +647,7 @@ async def with_keepalives(stream: AsyncIterator[str]) -> AsyncIterator[str]:
             await asyncio.sleep(config.HEARTBEAT_SECONDS)
             lines.put_nowait(ENCODER.get_keepalive_token())
 
-    reader = asyncio.create_task(read())
-    beater = asyncio.create_task(beat())
+    reader, beater = asyncio.create_task(read()), asyncio.create_task(beat())  # the stream's two tasks
     try:
         while (line := await lines.get()) is not None:
             yield line
@@ -667,6 +655,20 @@ async def with_keepalives(stream: AsyncIterator[str]) -> AsyncIterator[str]:
     finally:  # finished, failed or the client gone: both tasks end with the stream, and nothing holds its state
         beater.cancel()
         reader.cancel()  # when the client went away, this stops the run, which closes the model request
+
+
+@dataclass
+class Closable:
+    """The stream, with the close() Django calls when done with a response: left open otherwise, if the client left."""
+
+    stream: AsyncGenerator[str]
+    loop: asyncio.AbstractEventLoop
+
+    def __aiter__(self) -> AsyncGenerator[str]:
+        return self.stream
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.stream.aclose(), self.loop)
 
 
 async def assistant(request: HttpRequest) -> HttpResponseBase:
@@ -688,7 +690,7 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
         return json_error(400, message, problems[:20])
     except ValueError as error:  # not JSON, not UTF-8, NaN, nested too deep
         return json_error(400, "Body is not a JSON object", str(error))
-    except LookupError as error:  # UnknownToolCallError, or a call the client wrote without a name
+    except LookupError as error:  # apply_commands' own, or a call the client wrote without a name
         return json_error(400, "add-tool-result for a tool call that is not in the state", list(error.args))
 
     async def run(controller: RunController) -> None:
@@ -717,8 +719,8 @@ async def assistant(request: HttpRequest) -> HttpResponseBase:
                 controller.state["messages"][replies[-1]]["status"] = failure
             controller.add_error(message)
 
-    stream = ENCODER.encode_stream(create_run(run, state=state))
-    stream = with_keepalives(stream) if config.HEARTBEAT_SECONDS else stream
+    lines = ENCODER.encode_stream(create_run(run, state=state))
+    stream = Closable(with_keepalives(lines) if config.HEARTBEAT_SECONDS else lines, asyncio.get_running_loop())
     # No proxy may cache or buffer the stream (nginx reads X-Accel-Buffering); charset= saves 6% per chunk.
     headers, media_type = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, ENCODER.get_media_type()
     return StreamingHttpResponse(stream, content_type=f"{media_type}; charset=utf-8", charset="utf-8", headers=headers)
@@ -750,8 +752,7 @@ handler404 = not_found  # used only where this file is the root URLconf
 
 if STANDALONE:  # what app.py's own server needs; a project serves itself with its asgi.py, these untouched
     django_application = get_asgi_application()
-    # Django gives each request a sync thread (to close the response), held as long as its stream: share one.
-    SYNC_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-sync")
+    SYNC_WORKER = ThreadPoolExecutor(max_workers=1)  # Django's sync thread a request holds all its stream: share one
 
 
 async def application(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
@@ -785,14 +786,13 @@ def main() -> None:
     address = naiveip_re.match(options.addrport)
     if not address or not 0 < int(address["port"]) < 65536:
         parser.error(f"{options.addrport!r} is not a port (1-65535) or an address:port")
-    # uvicorn's own command line, run in place of this process: its reloader imports the file by name.
     here, host = Path(__file__).resolve(), (address["addr"] or config.HOST).strip("[]")
     uvicorn_command = ["uvicorn", f"{here.stem}:application", f"--app-dir={here.parent}", f"--host={host}"]
     uvicorn_command += [f"--port={address['port']}"]
     if command == ["runserver"] and not options.noreload:
         uvicorn_command += ["--reload", f"--reload-dir={here.parent}", "--reload-exclude=*.py"]
         uvicorn_command += [f"--reload-include={here.name}", "--reload-include=.env"]
-    os.execv(sys.executable, [sys.executable, "-m", *uvicorn_command])
+    os.execv(sys.executable, [sys.executable, "-m", *uvicorn_command])  # uvicorn's command line, in this process
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       assert.deepEqual(await allProblems(), []);
     });
 
-    test("the time question runs the backend's tool: reasoning, then its card with the result, then the sentence", async () => {
+    test("the time question runs the backend's tool: its card with the result, then the sentence", async () => {
       const posts = () => app.log().match(/"POST \/assistant HTTP\/1.1" 200/g).length;
       const postsBefore = posts();
       await send("What time is it in Tokyo?");
@@ -115,8 +115,6 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       assert.match(result.time, /\+09:00$/);
       await page.getByText(`get_current_time answered: {"timezone": "Asia/Tokyo", "time": "${result.time}"`).waitFor({ timeout: 10_000 });
       await page.locator("text=Send").waitFor({ timeout: 5_000 });
-      const reasoning = page.locator(".assistant").last().locator(".reasoning");
-      assert.equal(await reasoning.innerText(), "Reasoning\nI should ask get_current_time, then answer.");
       assert.equal(posts() - postsBefore, 1, "the backend ran the tool inside the question's one request");
       assert.deepEqual(await allProblems(), []);
     });
