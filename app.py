@@ -655,6 +655,7 @@ async def with_keepalives(stream: AsyncIterator[str]) -> AsyncGenerator[str]:
     finally:  # finished, failed or the client gone: both tasks end with the stream, and nothing holds its state
         beater.cancel()
         reader.cancel()  # when the client went away, this stops the run, which closes the model request
+        del reader, beater  # a traceback may keep this frame (Django 6's TaskGroup): the tasks hold the state
 
 
 @dataclass
