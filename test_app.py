@@ -673,11 +673,18 @@ class Refusal:
     headers: dict[str, str] = field(default_factory=dict)
     details: Json = None  # the exact details, where the refusal names what was wrong
     allow: str | None = None  # the Allow header of a 405
+    error: str | None = None  # the exact error, where a wrong reason to refuse would also give the status
 
 
 REFUSALS = {
     "invalid-json": Refusal("POST", "/assistant", b"{nope"),
-    "not-utf8": Refusal("POST", "/assistant", b'{"commands": ["\xff"]}'),
+    "not-utf8": Refusal(  # valid but for its encoding: read with replacement characters, it would pass
+        "POST",
+        "/assistant",
+        b'{"commands": [], "system": "\xff"}',
+        error="Body is not a JSON object",
+        details="invalid unicode code point at line 1 column 29",
+    ),
     "nested-too-deep": Refusal(
         "POST", "/assistant", b'{"commands": [], "state": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}"
     ),
@@ -707,7 +714,9 @@ REFUSALS = {
         b'"tool_calls": [{"id": "c1", "name": "t"}]}]}}',
     ),
     "infinity-in-state": Refusal("POST", "/assistant", b'{"commands": [], "state": {"zoom": -Infinity}}'),
-    "an-array-for-a-body": Refusal("POST", "/assistant", b"[]"),
+    "an-array-for-a-body": Refusal(
+        "POST", "/assistant", b"[]", error="Body is not a JSON object", details="list where a JSON object belongs"
+    ),
     "not-json-content-type": Refusal("POST", "/assistant", b'{"commands": []}', 415, {"Content-Type": "text/plain"}),
     "wrong-method": Refusal("GET", "/assistant", status=405, allow="POST"),
     "wrong-method-health": Refusal("DELETE", "/health", status=405, allow="GET, HEAD"),
@@ -730,6 +739,8 @@ def test_bad_request_gets_a_json_error_and_the_server_keeps_serving(client: http
     assert response.json()["error"]
     if case.details is not None:
         assert response.json()["details"] == case.details
+    if case.error is not None:
+        assert response.json()["error"] == case.error
     assert response.headers.get("allow") == case.allow
     assert client.get("/health").status_code == 200
 
@@ -757,11 +768,21 @@ def test_schema_errors_list_a_few_dozen_problems_and_count_them(client: httpx.Cl
     assert len(response.content) < 5000, "the refusal must not grow with the request"
 
 
-def test_a_message_of_half_a_million_parts_is_refused_at_once(client: httpx.Client) -> None:
-    message = {"role": "user", "parts": [{"type": "image"}] * 500_000}  # 8.5 MB, under the size limit
+@pytest.mark.parametrize("parts", [100, 101, 500_000])
+def test_a_message_holds_at_most_100_parts(client: httpx.Client, parts: int) -> None:
+    message = {"role": "user", "parts": [{"type": "image"}] * parts}  # 500,000: 8.5 MB, refused at once
     response = client.post("/assistant", json={"commands": [{"type": "add-message", "message": message}]})
+    if parts <= 100:  # the README: "100 parts a message"
+        assert response.status_code == 200
+        return
     assert response.status_code == 400
     assert [problem["type"] for problem in response.json()["details"]] == ["too_long"]
+
+
+@pytest.mark.parametrize("count", [100, 101])
+def test_a_request_holds_at_most_100_commands(client: httpx.Client, count: int) -> None:
+    response = client.post("/assistant", json={"commands": [{"type": "note"}] * count})
+    assert response.status_code == (200 if count <= 100 else 400), "the README: 100 commands a request"
 
 
 def test_a_target_no_route_can_match_gets_the_json_404(server: Server) -> None:
@@ -815,11 +836,15 @@ def test_a_tool_result_for_a_call_an_earlier_edit_removed_is_refused(client: htt
 
 
 def test_body_over_the_size_limit_is_refused_with_413(client: httpx.Client) -> None:
-    padding = "x" * (app.config.MAX_REQUEST_BYTES + 1)
-    body = json.dumps({"commands": [], "padding": padding}).encode()
-    response = client.post("/assistant", content=body, headers={"Content-Type": "application/json", "Origin": FRONTEND})
+    limit = 10_485_760  # MAX_REQUEST_BYTES's default, as the README gives it
+    headers = {"Content-Type": "application/json", "Origin": FRONTEND}
+    under = json.dumps({"commands": [], "padding": ""}).encode()
+    under = under.replace(b'""', b'"' + b"x" * (limit - len(under)) + b'"')
+    assert len(under) == limit
+    assert client.post("/assistant", content=under, headers=headers).status_code == 200
+    response = client.post("/assistant", content=under.replace(b'"x', b'"xx'), headers=headers)
     assert response.status_code == 413
-    assert str(app.config.MAX_REQUEST_BYTES) in response.json()["error"]
+    assert response.json()["error"] == "Body larger than MAX_REQUEST_BYTES (10485760 bytes)"
     assert response.headers["access-control-allow-origin"] == FRONTEND
 
 
@@ -899,6 +924,7 @@ class AppClient(httpx.Client):
     """A client of the app in a process of its own, which it knows."""
 
     process: subprocess.Popen[bytes]
+    log: Path  # where its output went, when the test asked for it
 
 
 @contextmanager
@@ -989,12 +1015,13 @@ def test_runserver_reloads_a_changed_file_and_survives_a_syntax_error(tmp_path: 
         except httpx.TransportError:
             return False
 
-    with app_process([str(copy), "runserver", "{port}"]) as http:
+    log = tmp_path / "server.log"
+    with app_process([str(copy), "runserver", "{port}"], log=log) as http:
         assert serves(http, app.__version__)
         copy.write_text(source.replace(version, '__version__ = "9.9.9"'))
         assert wait_until(lambda: serves(http, "9.9.9"), 20), "the change was not picked up"
-        copy.write_text(source + "\nthis is not python\n")
-        time.sleep(1.5)  # the reloader restarts the app, which fails to import
+        copy.write_text(source + "\nthis is not python:\n")
+        assert wait_until(lambda: "SyntaxError" in log.read_text(), 20), "the broken file was not loaded"
         copy.write_text(source.replace(version, '__version__ = "9.9.10"'))
         assert wait_until(lambda: serves(http, "9.9.10"), 20), "the reloader did not survive the syntax error"
 
@@ -1011,10 +1038,11 @@ def test_runserver_reloads_when_env_changes_and_not_for_other_files(tmp_path: Pa
 
     with app_process([str(copy), "runserver", "{port}"], log=log, STREAM_PROTOCOL=None) as http:
         (tmp_path / "test_app.py").write_text("# a test edited beside app.py\n")
-        time.sleep(1.5)
-        assert "Reloading" not in log.read_text(), "a file other than app.py and .env restarted the server"
         (tmp_path / ".env").write_text("STREAM_PROTOCOL=assistant-transport\n")
         assert wait_until(lambda: protocol(http) == "assistant-transport", 20), "the changed .env was not picked up"
+    reloads = [line for line in log.read_text().splitlines() if "Reloading" in line]
+    assert reloads, "the reload was not logged"
+    assert not [line for line in reloads if "test_app.py" in line], "a file other than app.py and .env restarted it"
 
 
 def test_runserver_help_describes_the_runserver_that_runs() -> None:
@@ -1072,21 +1100,61 @@ def test_the_edges_of_a_setting_are_accepted(name: str, value: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_startup_logs_what_is_active_and_no_secret() -> None:
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "OPENAI_API_KEY": "sk-secret", "CORS_ORIGINS": "http://localhost:5173"}
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stderr is not None
-        lines = iter(process.stderr.readline, "")
-        line = next(line for line in lines if "Agent:" in line or "Uvicorn running" in line)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-    assert "Agent: openai, model gpt-4o-mini; server tools: get_current_time; data-stream; " in line
-    assert "; CORS_ORIGINS=http://localhost:5173; " in line
-    assert "ALLOWED_HOSTS=localhost,127.0.0.1,[::1]" in line
-    assert "sk-secret" not in line
+@pytest.fixture(scope="module")
+def configured() -> Iterator[AppClient]:
+    """app.py served with settings an operator sets in the environment."""
+    with app_process(
+        ["app.py"],
+        ALLOWED_HOSTS="chat.example.com,127.0.0.1",
+        STREAM_PROTOCOL="assistant-transport",
+        HEARTBEAT_SECONDS="0",
+        MOCK_DELAY="0.3",
+    ) as http:
+        yield http
+
+
+def test_allowed_hosts_from_the_environment_replace_the_local_ones(configured: AppClient) -> None:
+    assert configured.get("/health", headers={"Host": "chat.example.com"}).status_code == 200
+    refused = configured.get("/health", headers={"Host": "localhost"})  # one of the defaults, not in the setting
+    assert (refused.status_code, refused.json()["error"]) == (400, "Host not allowed (see ALLOWED_HOSTS)")
+
+
+def test_stream_protocol_from_the_environment_is_what_goes_on_the_wire(configured: AppClient) -> None:
+    reply = chat(configured, None, user_says("hi"), protocol="assistant-transport")  # decodes SSE, or fails
+    assert reply.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert text(reply.messages[1]) == 'You said: "hi".'
+
+
+def test_a_heartbeat_of_0_sends_no_keepalives(configured: AppClient) -> None:
+    reply = chat(configured, None, user_says("one two three"), protocol="assistant-transport")  # 1.5 s of pieces
+    assert reply.keepalives == 0, "the README: 0, none"
+
+
+def readme_defaults() -> dict[str, str]:
+    """The README's configuration table: each setting's default as it is written there."""
+    readme = (HERE / "README.md").read_text()
+    table = readme[readme.index("| setting | default | meaning |") :].split("\n\n")[0]
+    return dict(re.findall(r"^\| `(\w+)` \| `?([^`|]*)`? \|", table, re.MULTILINE))
+
+
+def test_the_defaults_are_the_readmes() -> None:
+    # Read from the settings class: a 15 s keep-alive or a 10 MiB body cannot be waited for in every test run.
+
+    def shown(value: Json) -> str:  # as the README writes it
+        if isinstance(value, list):
+            return ",".join(value)
+        return f"{value:g}" if isinstance(value, float) else str(value) or "empty"
+
+    defaults = {name: shown(setting.default) for name, setting in app.Config.model_fields.items()}
+    assert defaults == readme_defaults()
+
+
+def test_the_environment_wins_over_the_env_file(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text((HERE / "app.py").read_text())
+    (tmp_path / ".env").write_text("STREAM_PROTOCOL=assistant-transport\nCORS_ORIGINS=https://from-the-file.example\n")
+    with app_process(["app.py"], cwd=tmp_path, STREAM_PROTOCOL="data-stream", CORS_ORIGINS=None) as http:
+        assert http.get("/health").json()["protocol"] == "data-stream", "the environment's"
+        assert preflight(http, "https://from-the-file.example").status_code == 204, "the file's, where it alone says"
 
 
 def test_app_py_doubles_as_manage_py() -> None:
@@ -1621,16 +1689,6 @@ def test_a_model_servers_endless_error_text_is_cut_to_2000_characters(
     goes_on(client, fake_openai, reply.state)
 
 
-def test_an_error_that_quotes_the_key_shows_its_name_instead(fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
-    fake, running = fake_openai_server
-    fake.script = [fails(401, "The proxy refused Authorization: {authorization}")]
-    with app_process(["app.py"], OPENAI_API_KEY="sk-env-secret", OPENAI_BASE_URL=f"{running.url}/v1") as http:
-        reply = send(http, {"commands": [user_says("hi")], "state": None})
-    assert fake.authorizations[-1] == "Bearer sk-env-secret", "the model server did get the key"
-    assert reply.errors == ["The model server answered 401: The proxy refused Authorization: Bearer [OPENAI_API_KEY]"]
-    assert "sk-env-secret" not in reply.body
-
-
 def test_a_long_line_in_small_pieces_costs_what_short_lines_do(
     server: Server, client: httpx.Client, fake_openai: FakeOpenAI
 ) -> None:
@@ -1702,7 +1760,7 @@ def test_a_hung_model_server_is_reported_within_the_timeout_setting(
     assert elapsed < 2.5, f"two 0.5 s attempts took {elapsed:.1f} s"
 
 
-def test_a_client_that_stops_reading_holds_the_server_and_the_model_back(
+def test_a_client_that_stops_reading_costs_no_more_than_the_requests_200000_bytes(
     fake_openai_server: tuple[FakeOpenAI, Server],
 ) -> None:
     fake, running = fake_openai_server
@@ -1724,7 +1782,7 @@ def test_a_client_that_stops_reading_holds_the_server_and_the_model_back(
                 # it would close the connection.)
                 unread = response.iter_raw()
                 next(unread)
-                time.sleep(4)
+                time.sleep(2)
                 grown, sent = rss_mb() - before, fake.sent_bytes
     finally:
         process.terminate()
@@ -1734,24 +1792,58 @@ def test_a_client_that_stops_reading_holds_the_server_and_the_model_back(
     assert grown < 30, "the server buffered what its client did not take"
 
 
-def test_openai_settings_choose_the_agent(fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
-    fake, running = fake_openai_server
-    fake.script = [says("Hi", " there")]
+@pytest.fixture(scope="session")
+def keyed_app(
+    tmp_path_factory: pytest.TempPathFactory, fake_openai_server: tuple[FakeOpenAI, Server]
+) -> Iterator[AppClient]:
+    """python app.py with a key, a model and a model server of the environment's, and its log."""
+    log = tmp_path_factory.mktemp("keyed") / "server.log"
     with app_process(
-        ["app.py"], OPENAI_API_KEY="sk-env", OPENAI_BASE_URL=f"{running.url}/v1", OPENAI_MODEL="local-model"
+        ["app.py"],
+        log=log,
+        OPENAI_API_KEY="sk-env-secret",
+        OPENAI_BASE_URL=f"{fake_openai_server[1].url}/v1",
+        OPENAI_MODEL="local-model",
+        CORS_ORIGINS="http://localhost:5173",
     ) as http:
-        assert http.get("/health").json() | {"version": None} == {
-            "status": "healthy",
-            "service": "assistant-transport-backend-django",
-            "version": None,
-            "agent": "openai",
-            "model": "local-model",
-            "protocol": "data-stream",
-        }
-        reply = chat(http, None, user_says("hello"))
+        http.log = log
+        yield http
+
+
+def test_startup_logs_what_is_active_and_no_secret(keyed_app: AppClient) -> None:
+    line = next(line for line in keyed_app.log.read_text().splitlines() if "Agent:" in line)
+    assert "Agent: openai, model local-model; server tools: get_current_time; data-stream; " in line
+    assert "; CORS_ORIGINS=http://localhost:5173; " in line
+    assert "ALLOWED_HOSTS=localhost,127.0.0.1,[::1]" in line
+    assert "sk-env-secret" not in keyed_app.log.read_text()
+
+
+def test_openai_settings_choose_the_agent(keyed_app: AppClient, fake_openai_server: tuple[FakeOpenAI, Server]) -> None:
+    fake, _ = fake_openai_server
+    fake.script = [says("Hi", " there")]
+    assert keyed_app.get("/health").json() | {"version": None} == {
+        "status": "healthy",
+        "service": "assistant-transport-backend-django",
+        "version": None,
+        "agent": "openai",
+        "model": "local-model",
+        "protocol": "data-stream",
+    }
+    reply = chat(keyed_app, None, user_says("hello"))
     assert reply.messages[1]["content"] == "Hi there"
     assert fake.requests[-1]["model"] == "local-model"
-    assert fake.authorizations[-1] == "Bearer sk-env"
+    assert fake.authorizations[-1] == "Bearer sk-env-secret"
+
+
+def test_an_error_that_quotes_the_key_shows_its_name_instead(
+    keyed_app: AppClient, fake_openai_server: tuple[FakeOpenAI, Server]
+) -> None:
+    fake, _ = fake_openai_server
+    fake.script = [fails(401, "The proxy refused Authorization: {authorization}")]
+    reply = send(keyed_app, {"commands": [user_says("hi")], "state": None})
+    assert fake.authorizations[-1] == "Bearer sk-env-secret", "the model server did get the key"
+    assert reply.errors == ["The model server answered 401: The proxy refused Authorization: Bearer [OPENAI_API_KEY]"]
+    assert "sk-env-secret" not in reply.body
 
 
 # --- Server tools: Python the model calls, run in the backend; and reasoning ------------------------
@@ -1770,6 +1862,8 @@ class ToolLog:
     started: list[int] = field(default_factory=list)
     cancelled_at: list[float] = field(default_factory=list)
     build_seconds: list[float] = field(default_factory=list)
+    at_once: int = 0
+    most_at_once: int = 0
 
 
 @pytest.fixture
@@ -1826,6 +1920,17 @@ def tools(monkeypatch: pytest.MonkeyPatch) -> ToolLog:
         log.started.append(arguments.number)
         return {"order": arguments.number, "late": True}
 
+    counting = threading.Lock()
+
+    def counted_order(arguments: OrderNumber) -> Json:  # notes how many of these run at once
+        with counting:
+            log.at_once += 1
+            log.most_at_once = max(log.most_at_once, log.at_once)
+        time.sleep(0.2)
+        with counting:
+            log.at_once -= 1
+        return {"order": arguments.number}
+
     def sized_order(arguments: OrderNumber) -> Json:  # a result of about this many kilobytes
         return "x" * (arguments.number * 1000)
 
@@ -1845,6 +1950,7 @@ def tools(monkeypatch: pytest.MonkeyPatch) -> ToolLog:
         odd_order,
         odd_async_order,
         sized_order,
+        counted_order,
         crowded_order,
         crowded_async_order,
     ):
@@ -1878,6 +1984,23 @@ def test_the_mock_answers_the_time_question_in_one_request(client: httpx.Client,
     assert now_in_tokyo.utcoffset() == timedelta(hours=9)
     assert abs(now_in_tokyo - datetime.now(UTC)) < timedelta(minutes=1)
     assert closing["content"] == f"get_current_time answered: {json.dumps(answer['content'])}"
+
+
+@pytest.mark.parametrize(
+    ("question", "name", "arguments"),
+    [
+        ("What's the weather for Oslo?", "get_weather", {"location": "Oslo"}),
+        ("Is the weather fine at Lake Tahoe today?", "get_weather", {"location": "Lake Tahoe"}),
+        ("How is the weather?", "get_weather", {"location": "San Francisco"}),
+        ("What time is it in New York?", "get_current_time", {"timezone": "America/New_York"}),
+        ("What time is it?", "get_current_time", {"timezone": "UTC"}),
+    ],
+)
+def test_the_mock_reads_the_place_after_in_for_or_at(
+    client: httpx.Client, question: str, name: str, arguments: Json
+) -> None:
+    (call, *_) = calls(chat(client, None, user_says(question)).state)
+    assert (call["name"], call["args"]) == (name, arguments), "the README's choices"
 
 
 def test_a_time_zone_that_does_not_exist_is_an_error_the_model_reads(client: httpx.Client) -> None:
@@ -2107,6 +2230,26 @@ def test_a_tool_result_refused_for_the_requests_limit_counts_only_as_its_error(
     assert [message["status"] for message in reply.messages[2:5]] == ["success", "success", "error"]
     assert reply.messages[4]["content"] == "sized_order answered more than the reply may hold (200000 bytes)"
     assert reply.messages[-1]["content"] == "Two of 3."
+
+
+def test_the_limit_holds_for_all_of_a_requests_steps_together(
+    client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog
+) -> None:
+    # Two results of 90 kB in two steps, then 30 kB of text: each step fits 200,000 bytes, the request does not.
+    fake_openai.script = [
+        calls_tools(order("call_1", "sized_order", 90)),
+        calls_tools(order("call_2", "sized_order", 90)),
+        says("y" * 30_000),
+    ]
+    reply = send(client, {"commands": [user_says("Two big orders")], "state": None})
+    assert reply.errors == ["The model request failed: The reply passed 200000 bytes"]
+
+
+def test_one_requests_sync_tools_run_4_at_a_time(client: httpx.Client, fake_openai: FakeOpenAI, tools: ToolLog) -> None:
+    fake_openai.script = [calls_tools(*(order(f"call_{n}", "counted_order", n) for n in range(8))), says("Done.")]
+    reply = chat(client, None, user_says("Eight orders"))
+    assert [message["status"] for message in reply.messages[2:10]] == ["success"] * 8
+    assert tools.most_at_once == 4, "the README: TOOL_THREADS, 4"
 
 
 def test_one_users_slow_sync_tools_never_make_another_users_wait(
@@ -2413,11 +2556,76 @@ def test_a_hundred_commands_cost_about_what_one_does_on_a_long_thread(
     assert hundred < 1.5 * one + 0.05, "a command's work grew with the thread"
 
 
+# --- Deploying as the README shows -----------------------------------------------------------
+
+
+def readmes_deploy(port: int, **changes: str) -> tuple[dict[str, str], list[str]]:
+    """The README's deployment: its settings, and its uvicorn command on this port with some flags changed."""
+    readme = (HERE / "README.md").read_text()
+    start = readme.index("```bash\nALLOWED_HOSTS=chat.example.com")
+    words = readme[start + len("```bash\n") : readme.index("```", start + 3)].replace("\\\n", " ").split()
+    settings_ = dict(word.split("=", 1) for word in words if "=" in word and not word.startswith("--"))
+    command = [word for word in words if "=" not in word or word.startswith("--")]
+    assert command[0] == ".venv/bin/uvicorn"
+    for flag, value in {"--port": str(port), **changes}.items():
+        command[command.index(flag) + 1] = value
+    return settings_, [sys.executable, "-m", "uvicorn", *command[1:]]
+
+
+def test_the_readmes_deploy_command_serves_with_its_workers_hosts_origins_and_proxy(
+    tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server]
+) -> None:
+    port, log = free_port(), tmp_path / "server.log"
+    settings_, command = readmes_deploy(port)
+    env = {**os.environ, **settings_, "OPENAI_BASE_URL": f"{fake_openai_server[1].url}/v1"}
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=HERE, env=env, stdout=output, stderr=output)
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Host": "chat.example.com"}, timeout=10
+        ) as http:
+            assert wait_until(lambda: answers(http), 20), "the server did not start"
+            assert http.get("/health").json()["agent"] == "openai"
+            assert http.get("/health", headers={"Host": "127.0.0.1"}).status_code == 400, "only the host it names"
+            assert preflight(http, "https://app.example.com").headers["access-control-allow-origin"] == (
+                "https://app.example.com"
+            )
+            http.get("/health", headers={"X-Forwarded-For": "203.0.113.7"})  # through the proxy it names
+        assert wait_until(lambda: "203.0.113.7" in log.read_text(), 5), "the proxy's X-Forwarded-For was not believed"
+        assert wait_until(lambda: log.read_text().count("Started server process") == 4, 10), "four workers"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_past_the_concurrency_limit_uvicorn_answers_503() -> None:
+    port = free_port()
+    settings_, command = readmes_deploy(port, **{"--workers": "1", "--limit-concurrency": "2"})
+    env = {**os.environ, **settings_, "OPENAI_API_KEY": "", "MOCK_DELAY": "0.5"}
+    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    body = json.dumps({"commands": [user_says("a slow reply, word by word")]}).encode()
+    request = b"POST /assistant HTTP/1.1\r\nHost: chat.example.com\r\nContent-Type: application/json\r\n"
+    request += f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Host": "chat.example.com"}) as http:
+            assert wait_until(lambda: answers(http), 20), "the server did not start"
+        with contextlib.ExitStack() as stack:
+            answered = []
+            for _ in range(3):  # streams that stay open: the second is past the limit of 2 with the first
+                connection = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+                connection.sendall(request)
+                answered.append(connection.recv(4096).split(b"\r\n")[0])
+        assert answered == [b"HTTP/1.1 200 OK"] + [b"HTTP/1.1 503 Service Unavailable"] * 2
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 # --- Nothing outlives a stream; tool threads bounded; Ctrl+C; WebSockets -------------------------
 
 
 def test_clients_that_hang_up_leave_no_memory_behind() -> None:
-    state = {"messages": [{"id": f"m{n}", "type": "human", "content": "x" * 1000} for n in range(3000)]}  # 3 MB
+    state = {"messages": [{"id": f"m{n}", "type": "human", "content": "x" * 1000} for n in range(2000)]}  # 2 MB
     body = json.dumps({"commands": [user_says("word " * 100)], "state": state}).encode()
     with app_process(["app.py"], MOCK_DELAY="0.05") as http:
 
@@ -2428,10 +2636,10 @@ def test_clients_that_hang_up_leave_no_memory_behind() -> None:
 
         hang_up(10)  # the allocator's pools fill once
         before = status_of(http.process, "VmRSS") / 1024
-        hang_up(40)
+        hang_up(30)
         time.sleep(1)  # the runs' cancellation ends; no wait for a full garbage collection (that came at 15 s)
         grown = status_of(http.process, "VmRSS") / 1024 - before
-    print(f"40 hang-ups with 3 MB states: the server grew {grown:.0f} MB")
+    print(f"30 hang-ups with 2 MB states: the server grew {grown:.0f} MB")
     assert grown < 50, "the hang-ups' states were kept"
 
 
@@ -2532,7 +2740,7 @@ def test_sync_tool_threads_stay_under_the_process_cap(
             fake.respond = lambda request: says("ok")
             many(12)  # the same load without tools: the threads every server has under it
             baseline = status_of(process, "Threads")
-            fake.respond = pausing(2, calls=8)  # 8 calls of 2 s each a request, 4 at once (TOOL_THREADS)
+            fake.respond = pausing(1, calls=8)  # 8 calls of 1 s each a request, 4 at once (TOOL_THREADS)
             replies = many(12)
             for _ in range(3):
                 many(4, hang_up=True)
@@ -2617,7 +2825,7 @@ def asks_when_ada_joined(http: httpx.Client, fake: FakeOpenAI) -> Reply:
     """Ask the model (the fake) about a user, which it answers with the README's ORM tool."""
     fake.requests, fake.script = [], [calls_tools(("call_u", "lookup_user", ['{"username": "ada"}'])), says("Today.")]
     reply = chat(http, None, user_says("When did ada join?"))
-    assert [tool["function"]["name"] for tool in fake.requests[0]["tools"]] == ["get_current_time", "lookup_user"]
+    assert "lookup_user" in [tool["function"]["name"] for tool in fake.requests[0]["tools"]]
     assert reply.messages[2]["content"] == {"username": "ada", "joined": datetime.now(UTC).date().isoformat()}
     assert reply.messages[-1]["content"] == "Today."
     return reply
@@ -2635,7 +2843,7 @@ from django.http import HttpResponse
 
 
 def slow(request):  # a page of the project's that takes its time, as Django runs a sync view: in a thread
-    time.sleep(3)
+    time.sleep(1.5)
     return HttpResponse("slept")
 
 
@@ -2733,7 +2941,8 @@ def test_a_slow_page_of_the_project_holds_up_nothing_else(host: AppClient) -> No
     }
     slow.join()
     print(
-        "while a page of the project sleeps 3 s: " + ", ".join(f"{path} {s * 1000:.0f} ms" for path, s in waits.items())
+        "while a page of the project sleeps 1.5 s: "
+        + ", ".join(f"{path} {s * 1000:.0f} ms" for path, s in waits.items())
     )
     assert max(waits.values()) < 0.5, "a request waited for another's sync work"
 
@@ -2784,20 +2993,66 @@ def test_app_py_serves_itself_whatever_django_settings_module_says(
         assert http.get("/admin/").json()["error"].startswith("No endpoint at /admin/"), "not the site's admin"
 
 
-def test_the_readme_orm_tool_reads_the_database_standalone(
-    tmp_path: Path, fake_openai_server: tuple[FakeOpenAI, Server]
-) -> None:
-    fake, running = fake_openai_server
+KEPT_CONNECTIONS = """
+KEPT = []
+
+
+class Nothing(BaseModel):
+    \"\"\"Takes nothing.\"\"\"
+
+
+def touch_the_database(arguments: Nothing) -> str:
+    \"\"\"A sync tool that opens its thread's database connection, kept to be looked at later.\"\"\"
+    from django.db import connections
+
+    connections["default"].ensure_connection()
+    KEPT.append(connections["default"])
+    return "touched"
+
+
+def closed_connections(arguments: Nothing) -> list[bool]:
+    \"\"\"Whether each connection a tool opened was closed after it.\"\"\"
+    return [connection.connection is None for connection in KEPT]
+
+
+SERVER_TOOLS["touch_the_database"] = (Nothing, touch_the_database)
+SERVER_TOOLS["closed_connections"] = (Nothing, closed_connections)
+"""
+
+
+@pytest.fixture(scope="module")
+def standalone_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """app.py with a database of its own as the README shows, its ORM tool, and ada in it."""
+    site = tmp_path_factory.mktemp("standalone")
     added = [
         line
         for line in readme_code("settings.configure(").splitlines()
         if line.startswith("    ") and "..." not in line
     ]
     database = "".join(f"    {line}\n" for line in added)
-    source = with_the_readme_orm_tool((HERE / "app.py").read_text())
+    source = with_server_tools(with_the_readme_orm_tool((HERE / "app.py").read_text()), KEPT_CONNECTIONS)
     opening = next(line for line in source.splitlines(keepends=True) if line.startswith("    settings.configure("))
-    (tmp_path / "app.py").write_text(source.replace(opening, opening + database))
-    run_ok(tmp_path, "app.py", "migrate")
-    run_ok(tmp_path, "app.py", "shell", "-c", ADD_ADA)
-    with app_process(["app.py"], cwd=tmp_path, OPENAI_API_KEY="sk-env", OPENAI_BASE_URL=f"{running.url}/v1") as http:
+    (site / "app.py").write_text(source.replace(opening, opening + database))
+    run_ok(site, "app.py", "migrate")
+    run_ok(site, "app.py", "shell", "-c", ADD_ADA)
+    return site
+
+
+def test_the_readme_orm_tool_reads_the_database_standalone(
+    standalone_site: Path, fake_openai_server: tuple[FakeOpenAI, Server]
+) -> None:
+    fake, running = fake_openai_server
+    with app_process(["app.py"], cwd=standalone_site, OPENAI_API_KEY="sk", OPENAI_BASE_URL=f"{running.url}/v1") as http:
         asks_when_ada_joined(http, fake)
+
+
+def test_a_sync_tool_closes_its_database_connection_as_django_does(
+    standalone_site: Path, fake_openai_server: tuple[FakeOpenAI, Server]
+) -> None:
+    fake, running = fake_openai_server
+    with app_process(["app.py"], cwd=standalone_site, OPENAI_API_KEY="sk", OPENAI_BASE_URL=f"{running.url}/v1") as http:
+        fake.script = [calls_tools(("call_1", "touch_the_database", ["{}"])), says("Touched.")]
+        chat(http, None, user_says("Touch the database"))
+        fake.script = [calls_tools(("call_2", "closed_connections", ["{}"])), says("Closed.")]
+        reply = chat(http, None, user_says("Was it closed?"))
+    assert reply.messages[2]["content"] == [True]

@@ -6,7 +6,7 @@ import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import { build, preview } from "vite";
-import { freePort, startApp } from "./harness.mjs";
+import { freePort, startApp, startModel } from "./harness.mjs";
 
 const HERE = fileURLToPath(new URL(".", import.meta.url));
 const CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -27,23 +27,30 @@ after(async () => {
   await new Promise((resolve) => pageServer?.httpServer.close(resolve));
 });
 
+/** The page's console errors and warnings, and its errors, as they come. */
+function watch(page) {
+  const problems = [];
+  page.on("pageerror", (error) => problems.push(String(error)));
+  page.on("console", (message) => {
+    // The SSE decoder closes the stream itself at [DONE], which Chromium logs as an aborted request.
+    if (["error", "warning"].includes(message.type()) && !message.text().includes("ERR_ABORTED")) {
+      problems.push(message.text());
+    }
+  });
+  return problems;
+}
+
 for (const protocol of ["data-stream", "assistant-transport"]) {
   describe(`the page, over ${protocol}`, () => {
     let app;
     let page;
-    const problems = [];
+    let problems;
 
     before(async () => {
       const pageOrigin = new URL(pageServer.resolvedUrls.local[0]).origin;
       app = await startApp({ STREAM_PROTOCOL: protocol, MOCK_DELAY: "0.05", CORS_ORIGINS: pageOrigin });
       page = await browser.newPage();
-      page.on("pageerror", (error) => problems.push(String(error)));
-      page.on("console", (message) => {
-        // The SSE decoder closes the stream itself at [DONE], which Chromium logs as an aborted request.
-        if (["error", "warning"].includes(message.type()) && !message.text().includes("ERR_ABORTED")) {
-          problems.push(message.text());
-        }
-      });
+      problems = watch(page);
       await page.goto(`${pageOrigin}/?api=${encodeURIComponent(`${app.url}/assistant`)}&protocol=${protocol}`);
     });
     after(async () => {
@@ -104,6 +111,19 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       assert.deepEqual(await allProblems(), []);
     });
 
+    test("an edit replaces the message and the reply after it, and keeps what came before", async () => {
+      await page.locator(".user", { hasText: "thanks" }).locator(".edit").click();
+      await page.fill(".editing textarea", "thanks a lot");
+      await page.click("text=Save");
+      await page.getByText('You said: "thanks a lot".').waitFor({ timeout: 10_000 });
+      await page.locator("text=Send").waitFor({ timeout: 5_000 });
+      assert.equal(await page.getByText('You said: "thanks".').count(), 0, "the old reply stayed");
+      const asked = (await page.locator(".user").allInnerTexts()).map((text) => text.replace(/\s*Edit$/, ""));
+      assert.deepEqual(asked, ["hello there", "What's the weather like in San Francisco today?", "thanks a lot"]);
+      assert.equal(await page.locator(".tool").first().innerText(), "San Francisco: 21° celsius, sunny");
+      assert.deepEqual(await allProblems(), []);
+    });
+
     test("the time question runs the backend's tool: its card with the result, then the sentence", async () => {
       const posts = () => app.log().match(/"POST \/assistant HTTP\/1.1" 200/g).length;
       const postsBefore = posts();
@@ -119,17 +139,35 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
       assert.deepEqual(await allProblems(), []);
     });
 
-    test("stop mid-reply stops the reply", async () => {
-      const message = `count ${"and on ".repeat(60)}`.trim();
-      await send(message);
-      await page.locator(".assistant", { hasText: 'You said: "count and' }).waitFor({ timeout: 10_000 });
+  });
+}
+
+for (const protocol of ["data-stream", "assistant-transport"]) {
+  test(`Stop, over ${protocol}, ends the reply and the backend's request to the model`, async () => {
+    const pageOrigin = new URL(pageServer.resolvedUrls.local[0]).origin;
+    const model = await startModel([{ role: "assistant", content: "" }, ...Array(300).fill({ content: " word" })], { delay: 50 });
+    const app = await startApp({ STREAM_PROTOCOL: protocol, OPENAI_API_KEY: "sk-test", OPENAI_BASE_URL: model.url, CORS_ORIGINS: pageOrigin });
+    const page = await browser.newPage();
+    const problems = watch(page);
+    try {
+      await page.goto(`${pageOrigin}/?api=${encodeURIComponent(`${app.url}/assistant`)}&protocol=${protocol}`);
+      await page.fill("textarea", "talk to me");
+      await page.click("text=Send");
+      await page.locator(".assistant", { hasText: "word word word" }).waitFor({ timeout: 10_000 });
       await page.click("text=Stop");
-      await page.waitForTimeout(100);
-      const shown = await lastReply();
-      await page.waitForTimeout(300);
-      assert.equal(await lastReply(), shown, "the reply kept growing after stop");
-      assert.ok(shown.length < message.length / 2, `the whole reply arrived before stop: ${shown}`);
-    });
+      const closed = await Promise.race([model.closed.then(() => true), new Promise((resolve) => setTimeout(resolve, 2_000, false))]);
+      assert.ok(closed, "the backend went on asking the model after Stop");
+      await page.locator("text=Send").waitFor({ timeout: 5_000 });
+      const shown = await page.locator(".assistant").last().innerText();
+      assert.ok(shown.split("word").length - 1 < 300, "the whole reply arrived before Stop");
+      await page.locator(".user", { hasText: "talk to me" }).waitFor();
+      assert.equal(await page.locator(".assistant").last().innerText(), shown, "the reply grew after the model was closed");
+      assert.deepEqual([...problems, ...((await page.evaluate(() => window.lastError)) ?? [])], []);
+    } finally {
+      await page.close();
+      await app.stop();
+      model.stop();
+    }
   });
 }
 

@@ -1,24 +1,7 @@
 // Decoder conformance: app.py's streams, read by the client's own strict decoders and accumulator.
 import assert from "node:assert/strict";
-import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
-import { decode, post, startApp, textOf, userSays } from "./harness.mjs";
-
-/** A model server that streams these events (chunk deltas, or an {error}) as SSE, then ends. */
-async function startModel(events) {
-  const server = createServer((request, response) => {
-    request.resume();
-    response.writeHead(200, { "Content-Type": "text/event-stream" });
-    for (const event of events) {
-      const chunk = event.error ? event : { id: "c", object: "chat.completion.chunk", created: 1, model: "m",
-        choices: [{ index: 0, delta: event, finish_reason: null }] };
-      response.write(`data: ${JSON.stringify(chunk)}\n\n`);
-    }
-    response.end("data: [DONE]\n\n");
-  });
-  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return { url: `http://127.0.0.1:${server.address().port}/v1`, stop: () => server.close() };
-}
+import { decode, post, startApp, startModel, textOf, userSays } from "./harness.mjs";
 
 /** The app, with the OpenAI agent talking to a model server that streams these events. */
 async function withModel(protocol, events, check) {
@@ -38,14 +21,18 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
     before(async () => (app = await startApp({ STREAM_PROTOCOL: protocol })));
     after(() => app.stop());
 
-    /** One request; its reply decoded whole, in 1-byte and in 5-byte pieces, all alike and silent. */
-    async function converse(state, commands, target = app) {
+    /**
+     * One request; its reply decoded whole, in 1-byte and in 5-byte pieces, all alike and silent, and with no
+     * error unless the case is one of a failing run.
+     */
+    async function converse(state, commands, target = app, { failing = false } = {}) {
       const bytes = await post(target, { commands, state });
       const whole = await decode(bytes, { protocol, state });
       for (const pieceSize of [1, 5]) {
         assert.deepEqual(await decode(bytes, { protocol, state, pieceSize }), whole, `${pieceSize}-byte pieces`);
       }
       assert.deepEqual(whole.warnings, [], "the decoder dropped or warned about a frame");
+      if (!failing) assert.equal(whole.error, undefined, "an error came with the reply");
       return { ...whole, bytes };
     }
 
@@ -112,7 +99,7 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
     test("an error mid-run reaches the client, and the conversation stays", async () => {
       const events = [{ role: "assistant", content: "Partial" }, { error: { message: "The model crashed" } }];
       await withModel(protocol, events, async (withAModel) => {
-        const { state, error } = await converse(null, [userSays("hi")], withAModel);
+        const { state, error } = await converse(null, [userSays("hi")], withAModel, { failing: true });
         assert.equal(error, "The model request failed: The model crashed");
         assert.equal(textOf(state.messages[0]), "hi");
         assert.equal(textOf(state.messages[1]), "Partial");
@@ -136,7 +123,7 @@ for (const protocol of ["data-stream", "assistant-transport"]) {
         const call = { index: 0, id: "call_m", type: "function", function: { name: "render_map", arguments: "" } };
         const events = [{ tool_calls: [call] }, { tool_calls: [{ index: 0, function: { arguments: text } }] }];
         await withModel(protocol, events, async (withAModel) => {
-          const { state, error } = await converse(null, [userSays("map it")], withAModel);
+          const { state, error } = await converse(null, [userSays("map it")], withAModel, { failing: true });
           assert.match(error, /^The model request failed: The arguments for render_map are not a JSON object/);
           assert.equal(state.messages[1].tool_calls[0].partial_json, text);
         });

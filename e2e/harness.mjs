@@ -1,6 +1,7 @@
 // Shared by the checks: start app.py under uvicorn, and decode its streams with the client's code.
 import { spawn } from "node:child_process";
-import { createServer } from "node:net";
+import { readFileSync } from "node:fs";
+import { createServer } from "node:http";
 import { fileURLToPath } from "node:url";
 import {
   AssistantMessageAccumulator,
@@ -20,13 +21,19 @@ export async function freePort() {
   return port;
 }
 
+// Every setting of app.py's, empty: an empty variable means the default and wins over a .env file, so neither
+// the developer's environment nor a .env beside app.py changes what these checks see.
+const DEFAULTS = Object.fromEntries(
+  [...readFileSync(`${ROOT}.env.example`, "utf8").matchAll(/^([A-Z_]+)=/gm)].map(([, name]) => [name, ""]),
+);
+
 /** Start `uvicorn app:application` with these settings; resolves once /health answers. */
 export async function startApp(settings = {}) {
   const port = await freePort();
   const child = spawn(
     PYTHON,
     ["-m", "uvicorn", "app:application", "--port", String(port), "--lifespan", "off"],
-    { cwd: ROOT, env: { ...process.env, MOCK_DELAY: "0", ...settings } },
+    { cwd: ROOT, env: { PATH: process.env.PATH, ...DEFAULTS, MOCK_DELAY: "0", ...settings } },
   );
   let log = "";
   child.stdout.on("data", (data) => (log += data));
@@ -45,6 +52,32 @@ export async function startApp(settings = {}) {
     log: () => log,
     stop: () => new Promise((resolve) => (child.kill(), child.on("exit", resolve))),
   };
+}
+
+/**
+ * A model server that streams these events (chunk deltas, or an {error}) as SSE, `delay` ms apart, then ends.
+ * `closed` resolves when a client closes its request before the stream's end.
+ */
+export async function startModel(events, { delay = 0 } = {}) {
+  let closedEarly;
+  const closed = new Promise((resolve) => (closedEarly = resolve));
+  const server = createServer(async (request, response) => {
+    request.resume();
+    response.writeHead(200, { "Content-Type": "text/event-stream" });
+    let ended = false;
+    response.on("close", () => ended || closedEarly());
+    for (const event of events) {
+      const chunk = event.error ? event : { id: "c", object: "chat.completion.chunk", created: 1, model: "m",
+        choices: [{ index: 0, delta: event, finish_reason: null }] };
+      if (response.destroyed) return;
+      response.write(`data: ${JSON.stringify(chunk)}\n\n`);
+      if (delay) await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+    ended = true;
+    response.end("data: [DONE]\n\n");
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { url: `http://127.0.0.1:${server.address().port}/v1`, closed, stop: () => server.close() };
 }
 
 /** POST a body to /assistant and return the raw bytes of the reply. */

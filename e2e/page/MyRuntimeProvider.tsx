@@ -45,6 +45,7 @@ export function MyRuntimeProvider({
     // Your own headers and body fields reach the backend too; it ignores what it does not read.
     headers: async () => ({ "X-Client": "my-app" }),
     body: { clientVersion: "1.0" },
+    capabilities: { edit: true }, // the backend branches at the edited message (parentId, sourceId)
     onError,
   });
   const config = AuiConfig({ tools: Tools({ toolkit }) });

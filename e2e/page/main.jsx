@@ -1,7 +1,13 @@
 // A minimal assistant-ui page for the browser check: the README's MyRuntimeProvider with its
 // get_weather toolkit, and a thread built from primitives, showing what assistant-ui's own Thread
 // shows: reasoning, a card for tools the page has no UI for (the backend's), and a failed reply.
-import { ComposerPrimitive, ErrorPrimitive, MessagePrimitive, ThreadPrimitive } from "@assistant-ui/react";
+import {
+  ActionBarPrimitive,
+  ComposerPrimitive,
+  ErrorPrimitive,
+  MessagePrimitive,
+  ThreadPrimitive,
+} from "@assistant-ui/react";
 import { createRoot } from "react-dom/client";
 import { MyRuntimeProvider } from "./MyRuntimeProvider.tsx";
 
@@ -10,7 +16,18 @@ const query = new URLSearchParams(window.location.search);
 const UserMessage = () => (
   <MessagePrimitive.Root className="user">
     <MessagePrimitive.Parts />
+    <ActionBarPrimitive.Root autohide="never">
+      <ActionBarPrimitive.Edit className="edit">Edit</ActionBarPrimitive.Edit>
+    </ActionBarPrimitive.Root>
   </MessagePrimitive.Root>
+);
+
+// An edited message's composer, in its place: saving it sends the message again, as an edit.
+const EditComposer = () => (
+  <ComposerPrimitive.Root className="editing">
+    <ComposerPrimitive.Input />
+    <ComposerPrimitive.Send>Save</ComposerPrimitive.Send>
+  </ComposerPrimitive.Root>
 );
 
 const Reasoning = ({ text }) => (
@@ -47,7 +64,7 @@ function App() {
     >
       <ThreadPrimitive.Root>
         <ThreadPrimitive.Viewport>
-          <ThreadPrimitive.Messages components={{ UserMessage, AssistantMessage }} />
+          <ThreadPrimitive.Messages components={{ UserMessage, EditComposer, AssistantMessage }} />
         </ThreadPrimitive.Viewport>
         <ComposerPrimitive.Root>
           <ComposerPrimitive.Input placeholder="Write a message" />
