@@ -106,7 +106,7 @@ if STANDALONE:
     )
     gc.freeze()  # the imported modules live as long as the process: frozen, the collector stops walking them
 logger = logging.getLogger("assistant_transport")
-MAX_ITEMS = 100  # commands in a request, parts in a message, tool calls in an ai message or a model's step
+MAX_ITEMS = 100  # commands in a request, parts in a message, tool calls in a model's step
 
 
 # --- Request models: what useAssistantTransportRuntime sends ----------------------------------------
